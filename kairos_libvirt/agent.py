@@ -1,0 +1,277 @@
+"""The per-domain agent: enforce the admitted reservation on the vCPU threads,
+read it back from the kernel, and publish it as live metadata.
+
+Started detached by the hook at ``started``/``reconnect``; one per domain
+(an exclusive flock on ``/run/kairos/domains/NAME/agent.lock``).  It never
+reverts the kernel state when it exits: the reservation belongs to the running
+domain, and the kernel keeps it even if the agent is killed.
+"""
+from __future__ import annotations
+
+import argparse
+import errno as _errno
+import fcntl
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Dict, Optional
+
+from . import config as _config
+from . import enforce, paths, rtgroups
+from .errors import KairosError
+from .host import cgroup, proc, sched
+from .ledger import Ledger, ensure_dir, sched_from_json
+from .spec import VcpuSched
+from .state import DomainState, VcpuState, to_xml, utcnow
+
+log = logging.getLogger("kairosvm-agent")
+
+POLL_S = 0.5
+RECHECK_S = 2.0
+QEMU_WAIT_S = 30.0
+RETRY_S = 10
+
+
+class Agent:
+    def __init__(self, name: str, cfg: _config.HostConfig) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.ledger = Ledger(cfg)
+        self.stop = threading.Event()
+        self.enforced_at: Dict[int, str] = {}
+        self.errors: Dict[int, str] = {}
+        self.retry_at: Dict[int, float] = {}
+        self.published: Optional[str] = None
+        self.dom = None
+
+    # -- lifecycle -------------------------------------------------------
+    def run(self) -> int:
+        entry = self.ledger.read()["domains"].get(self.name)
+        if entry is None:
+            log.info("domain %s holds no reservation in the ledger; nothing to do", self.name)
+            return 0
+        wanted = {int(k): sched_from_json(v) for k, v in entry["granted"].items()}
+        log.info("agent for %s: %s", self.name,
+                 ", ".join(f"vCPU {k} {_describe(v)}" for k, v in wanted.items()))
+        pid = self._wait_qemu()
+        if pid is None:
+            log.info("QEMU of %s is not running; exiting", self.name)
+            return 0
+        self._connect()
+        last_check = 0.0
+        while not self.stop.is_set():
+            cur = proc.qemu_pid(self.name)
+            if cur is None or cur != pid:
+                log.info("QEMU %s of %s is gone; exiting", pid, self.name)
+                break
+            now = time.monotonic()
+            if now - last_check >= RECHECK_S:
+                last_check = now
+                entry = self.ledger.read()["domains"].get(self.name)
+                if entry is None:
+                    log.info("ledger entry of %s released; exiting", self.name)
+                    break
+                wanted = {int(k): sched_from_json(v) for k, v in entry["granted"].items()}
+                self.step(pid, wanted)
+            self.stop.wait(POLL_S)
+        return 0
+
+    def _wait_qemu(self) -> Optional[int]:
+        deadline = time.monotonic() + QEMU_WAIT_S
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            pid = proc.qemu_pid(self.name)
+            if pid is not None and proc.vcpu_threads(pid):
+                return pid
+            self.stop.wait(0.1)
+        return None
+
+    def _connect(self) -> None:
+        try:
+            from . import virt
+            conn = virt.connect(timeout_s=30)
+            self.dom = virt.lookup(conn, self.name)
+        except KairosError as exc:
+            log.error("cannot publish live state: %s", exc)
+            self.dom = None
+
+    # -- one pass --------------------------------------------------------
+    def step(self, pid: int, wanted: Dict[int, VcpuSched]) -> DomainState:
+        """Enforce what is missing, read everything back, publish if it changed."""
+        tids = proc.vcpu_threads(pid)
+        rt_vcpus = {v: s for v, s in wanted.items() if s.policy in ("fifo", "rr")}
+        if rt_vcpus:
+            self._ensure_rt_groups(pid, tids, rt_vcpus)
+        st = DomainState(agent_pid=os.getpid(), qemu_pid=pid)
+        for vid, want in sorted(wanted.items()):
+            vs = VcpuState(vcpu=vid)
+            tid = tids.get(vid)
+            if tid is None:
+                vs.error = f"vCPU {vid} has no thread (offline vCPU?)"
+                st.vcpus.append(vs)
+                continue
+            vs.tid = tid
+            k = sched.try_get(tid)
+            due = vid not in self.errors or time.monotonic() >= self.retry_at.get(vid, 0.0)
+            if not enforce.matches(k, want) and due:
+                try:
+                    enforce.apply_thread(tid, want)
+                    self.enforced_at[vid] = utcnow()
+                    log.info("vCPU %d (tid %d): enforced %s", vid, tid, _describe(want))
+                    self.errors.pop(vid, None)
+                except KairosError as exc:
+                    self.errors[vid] = str(exc)
+                    self.retry_at[vid] = time.monotonic() + RETRY_S
+                    log.error("vCPU %d (tid %d): %s (retry in %ds)", vid, tid, exc, RETRY_S)
+                k = sched.try_get(tid)
+            elif enforce.matches(k, want) and vid not in self.enforced_at:
+                self.enforced_at[vid] = utcnow()  # already in force (agent restarted)
+            if k is not None:
+                vs.policy, vs.priority = k.policy, k.priority
+                if k.policy == "deadline":
+                    vs.runtime_ns, vs.deadline_ns, vs.period_ns = \
+                        k.runtime_ns, k.deadline_ns, k.period_ns
+            if enforce.matches(k, want):
+                vs.enforced = self.enforced_at.get(vid)
+            if want.policy in ("fifo", "rr") and vs.error is None:
+                self._read_rt_group(pid, tid, vs)
+            vs.error = vs.error or self.errors.get(vid)
+            if vs.error is None and not enforce.matches(k, want):
+                vs.error = "kernel state differs from the reservation (changed by someone else?)"
+                log.warning("vCPU %d (tid %d): kernel has %s; will re-enforce", vid, tid, k)
+            st.vcpus.append(vs)
+        self._publish(st)
+        return st
+
+    def _ensure_rt_groups(self, pid: int, tids: Dict[int, int],
+                          rt_vcpus: Dict[int, VcpuSched]) -> None:
+        groups = {}
+        for vid, s in rt_vcpus.items():
+            tid = tids.get(vid)
+            d = cgroup.thread_cpu_cgroup(pid, tid) if tid else None
+            if d is None:
+                continue
+            want = (s.runtime_ns // 1000, s.period_ns // 1000)
+            try:
+                if cgroup.read_rt(d) == want:
+                    continue
+            except KairosError:
+                pass
+            groups[vid] = (d, *want)
+        if not groups:
+            return
+        domain_dirs = {os.path.dirname(d) for d, _r, _p in groups.values()}
+        if len(domain_dirs) != 1:
+            for vid in groups:
+                self.errors[vid] = f"vCPU threads of {self.name} are not in one domain cgroup"
+            return
+        try:
+            with self.ledger.locked() as state:
+                if self.name not in state["domains"]:
+                    return
+                entry_rt = state["domains"][self.name].get("rt", {})
+                merged = {int(v): (entry_rt.get("vcpu_dirs", {}).get(v), r, p)
+                          for v, (r, p) in entry_rt.get("vcpus", {}).items()}
+                merged = {v: x for v, x in merged.items() if x[0]}
+                merged.update(groups)
+                rtgroups.apply_domain(state, self.name, domain_dirs.pop(), merged)
+            for vid, (d, r, p) in groups.items():
+                log.info("vCPU %d: RT group %s = %dus / %dus", vid, d, r, p)
+        except KairosError as exc:
+            for vid in groups:
+                self.errors[vid] = str(exc)
+            log.error("RT group bandwidth for %s: %s", self.name, exc)
+
+    def _read_rt_group(self, pid: int, tid: int, vs: VcpuState) -> None:
+        d = cgroup.thread_cpu_cgroup(pid, tid)
+        if d is None:
+            return
+        try:
+            r, p = cgroup.read_rt(d)
+        except KairosError as exc:
+            vs.error = str(exc)
+            return
+        vs.runtime_ns, vs.period_ns = r * 1000, p * 1000
+
+    def _publish(self, st: DomainState) -> None:
+        body = to_xml(st)
+        if body == self.published:
+            return
+        st.updated = utcnow()
+        if self.dom is None:
+            return
+        from . import virt
+        try:
+            virt.set_state(self.dom, to_xml(st))
+            self.published = body
+        except KairosError as exc:
+            log.warning("%s", exc)
+
+
+def _describe(s: VcpuSched) -> str:
+    if s.policy == "deadline":
+        return (f"SCHED_DEADLINE runtime={s.runtime_ns}ns deadline={s.effective_deadline_ns}ns "
+                f"period={s.period_ns}ns")
+    return (f"SCHED_{s.policy.upper()} priority {s.priority}, RT group "
+            f"{s.runtime_ns // 1000}us/{s.period_ns // 1000}us")
+
+
+def _lock_single(cfg: _config.HostConfig, name: str) -> Optional[int]:
+    """Exclusive per-domain lock: never two agents for one domain."""
+    ensure_dir(paths.domain_dir(cfg, name))
+    fd = os.open(paths.agent_lock_file(cfg, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (_errno.EWOULDBLOCK, _errno.EAGAIN):
+            return None
+        raise
+    return fd
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(prog="kairosvm-agent",
+                                 description="Per-domain real-time agent (started by the hook).")
+    ap.add_argument("domain")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    if not paths.valid_name(args.domain):
+        log.error("invalid domain name %r", args.domain)
+        return 2
+    try:
+        cfg = _config.load()
+        fd = _lock_single(cfg, args.domain)
+    except KairosError as exc:
+        log.error("%s", exc)
+        return 1
+    if fd is None:
+        log.info("an agent for %s already runs; exiting", args.domain)
+        return 0
+    pidfile = paths.agent_pid_file(cfg, args.domain)
+    with open(pidfile + ".tmp", "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(pidfile + ".tmp", pidfile)
+    agent = Agent(args.domain, cfg)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop.set())
+    try:
+        return agent.run()
+    except KairosError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        try:
+            with open(pidfile) as f:
+                if f.read().strip() == str(os.getpid()):
+                    os.unlink(pidfile)
+        except OSError:
+            pass
+        log.info("agent for %s stopped", args.domain)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""``kairosvm``: declare, validate, inspect and operate real-time domains."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from fractions import Fraction
+from typing import Callable, Dict, List, Optional
+
+from . import __version__, spec
+from . import config as _config
+from .errors import DeclarationError, KairosError, UnitError
+from .spec import Declaration, Introspection, VcpuSched
+from .units import format_fraction, format_ns, parse_fraction, parse_time_ns
+
+
+def _err(msg: str) -> None:
+    print(f"kairosvm: error: {msg}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------
+# validate
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        with open(args.file, "rb") as f:
+            data = f.read(16 << 20)
+    except OSError as exc:
+        _err(f"{args.file}: {exc.strerror}")
+        return 2
+    try:
+        root = spec.parse_xml(data, args.file)
+        if root.tag == "domain":
+            info = spec.parse_domain(data)
+            if info.declaration is None:
+                _err(f"{args.file}: domain {info.name!r} has no <realtime xmlns='{spec.DECL_NS}'> "
+                     "in its <metadata>")
+                return 1
+            decl, nv = info.declaration, info.vcpus_max
+        else:
+            decl, nv = spec.declaration_from_xml(data), None
+    except DeclarationError as exc:
+        _err(f"{args.file}: {exc}")
+        return 1
+    print(f"{args.file}: valid")
+    for what, s in spec.iter_scheds(decl):
+        print(f"  {what}: {_describe(s)}")
+    if nv is not None:
+        print(f"  resolved for {nv} vCPU(s): " + ", ".join(
+            f"{v}={s.policy}" for v, s in decl.resolve(nv).items()))
+    i = decl.introspection
+    print(f"  introspection: {i.backend}"
+          + (f", ceiling {format_fraction(i.ceiling)}" if i.ceiling is not None else ""))
+    return 0
+
+
+def _describe(s: VcpuSched) -> str:
+    bw = format_fraction(s.bandwidth)
+    if s.policy == "deadline":
+        return (f"deadline runtime {format_ns(s.runtime_ns)}, deadline "
+                f"{format_ns(s.effective_deadline_ns)}, period {format_ns(s.period_ns)} "
+                f"(bandwidth {bw})")
+    return (f"{s.policy} priority {s.priority}, RT bandwidth {format_ns(s.runtime_ns)} per "
+            f"{format_ns(s.period_ns)} ({bw})")
+
+
+# --------------------------------------------------------------------------
+# declare
+
+def build_declaration(old: Optional[Declaration], args: argparse.Namespace,
+                      nvcpus: int) -> Declaration:
+    """Merge the command line into an existing declaration (pure, for tests)."""
+    old = old or Declaration()
+    default, vcpus = old.default, dict(old.vcpus)
+    touched_sched = args.all or args.vcpu
+    if touched_sched:
+        if not args.policy:
+            raise DeclarationError("--policy is required with --all or --vcpu "
+                                   "(deadline, fifo or rr)")
+        try:
+            values = {
+                "policy": args.policy,
+                "runtime_ns": parse_time_ns(args.runtime, "--runtime") if args.runtime else None,
+                "period_ns": parse_time_ns(args.period, "--period") if args.period else None,
+                "deadline_ns": parse_time_ns(args.deadline, "--deadline") if args.deadline else None,
+                "priority": args.priority,
+            }
+        except UnitError as exc:
+            raise DeclarationError(str(exc)) from None
+        need = spec.REQUIRED[args.policy]
+        names = {"runtime": "runtime_ns", "period": "period_ns", "priority": "priority"}
+        for attr in sorted(need):
+            if values[names[attr]] is None:
+                raise DeclarationError(f"--policy {args.policy} needs --{attr}")
+        if args.policy != "deadline" and args.deadline:
+            raise DeclarationError(f"--deadline does not apply to --policy {args.policy}")
+        if args.policy == "deadline" and args.priority is not None:
+            raise DeclarationError("--priority does not apply to --policy deadline")
+        s = VcpuSched(**values)  # type: ignore[arg-type]
+        if s.priority is not None and not spec.PRIO_MIN <= s.priority <= spec.PRIO_MAX:
+            raise DeclarationError(f"--priority {s.priority} is out of range; a Linux real-time "
+                                   f"priority is {spec.PRIO_MIN}..{spec.PRIO_MAX}")
+        spec._check_sched(s, "--vcpu" if args.vcpu else "--all")
+        if args.all:
+            default, vcpus = s, {}
+        else:
+            for v in args.vcpu:
+                if not 0 <= v < nvcpus:
+                    raise DeclarationError(f"--vcpu {v}: the domain has {nvcpus} vCPU(s); "
+                                           f"allowed: 0..{nvcpus - 1}")
+                vcpus[v] = s
+    intro = old.introspection
+    if args.introspection is not None or args.ceiling is not None:
+        ceiling = intro.ceiling
+        if args.ceiling is not None:
+            try:
+                ceiling = parse_fraction(args.ceiling, "--ceiling")
+            except UnitError as exc:
+                raise DeclarationError(str(exc)) from None
+        intro = Introspection(backend=args.introspection or intro.backend, ceiling=ceiling)
+    decl = Declaration(default=default, vcpus=dict(sorted(vcpus.items())), introspection=intro)
+    if decl.default is None and not decl.vcpus:
+        raise DeclarationError("nothing to declare: give --all or --vcpu N with --policy")
+    spec._check_ceiling(decl)
+    # Round-trip through the XML parser: RelaxNG + every semantic rule.
+    return spec.declaration_from_xml(spec.to_xml(decl))
+
+
+def cmd_declare(args: argparse.Namespace) -> int:
+    from . import virt
+    conn = virt.connect()
+    dom = virt.lookup(conn, args.domain)
+    xml = virt.inactive_xml(dom)
+    if args.remove:
+        virt.set_declaration(dom, None)
+        print(f"{args.domain}: declaration removed from the persistent configuration")
+        return 0
+    info = spec.parse_domain(xml, declaration=False)
+    el = spec.find_element(spec.parse_xml(xml))
+    old = None
+    if el is not None:
+        try:
+            old = spec.parse_element(el)
+        except DeclarationError as exc:
+            print(f"{args.domain}: replacing an invalid declaration ({exc})", file=sys.stderr)
+    decl = build_declaration(old, args, info.vcpus_max)
+    spec.check_against_domain(decl, info)
+    virt.set_declaration(dom, spec.to_xml(decl))
+    running = virt.is_active(dom)
+    print(f"{args.domain}: declaration written to the persistent configuration"
+          + (" (takes effect at the next start)" if running else ""))
+    print(spec.to_xml(decl).rstrip())
+    return 0
+
+
+# --------------------------------------------------------------------------
+# status, ledger, hooks
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import status, virt
+    conn = virt.connect()
+    dom = virt.lookup(conn, args.domain)
+    xml = virt.live_xml(dom) if virt.is_active(dom) else virt.inactive_xml(dom)
+    try:
+        info = spec.parse_domain(xml)
+    except DeclarationError as exc:
+        _err(f"{args.domain}: the declaration is invalid: {exc}")
+        info = None
+    doc = status.collect(args.domain, info)
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=False))
+    else:
+        print(status.render_text(doc))
+    return 0
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    from .ledger import Ledger, entry_bandwidth
+    cfg = _config.load()
+    ledger = Ledger(cfg)
+    with ledger.locked() as state:
+        dropped = ledger.reconcile(state)
+        cap = ledger.capacity(state)
+        doms = {n: dict(e) for n, e in state["domains"].items()}
+    used = sum((entry_bandwidth(e) for e in doms.values()), Fraction(0))
+    doc = {"capacity": str(cap.total), "capacity_source": cap.source,
+           "per_cpu": str(cap.per_cpu), "used": str(used), "free": str(cap.total - used),
+           "dropped_stale": dropped,
+           "domains": {n: {"state": e["state"], "qemu_pid": e.get("qemu_pid"),
+                           "bandwidth": str(entry_bandwidth(e)), "granted": e["granted"]}
+                       for n, e in doms.items()}}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"capacity {format_fraction(cap.total)} CPU ({cap.source})")
+    print(f"used {format_fraction(used)}, free {format_fraction(cap.total - used)}")
+    for n, e in sorted(doms.items()):
+        print(f"  {n:<24} {e['state']:<9} {format_fraction(entry_bandwidth(e)):>9} CPU")
+    return 0
+
+
+def cmd_install_hook(args: argparse.Namespace) -> int:
+    from . import install
+    changed = install.install(_config.load())
+    print(f"{install.hook_path()}: {'installed, libvirtd reloaded' if changed else 'up to date'}")
+    return 0
+
+
+def cmd_uninstall_hook(args: argparse.Namespace) -> int:
+    from . import install
+    removed = install.uninstall()
+    print(f"{install.hook_path()}: {'removed, libvirtd reloaded' if removed else 'not installed'}")
+    return 0
+
+
+# --------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kairosvm", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"kairos-libvirt {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("validate", help="validate a domain XML or a <realtime> element")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("declare", help="write the real-time declaration into a domain's "
+                                       "persistent XML")
+    p.add_argument("domain")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--all", action="store_true", help="a default for every vCPU")
+    who.add_argument("--vcpu", type=int, action="append", metavar="N",
+                     help="this vCPU (repeatable)")
+    p.add_argument("--policy", choices=spec.POLICIES)
+    p.add_argument("--runtime", metavar="T", help="time with unit (ns, us, ms, s; bare = us)")
+    p.add_argument("--deadline", metavar="T")
+    p.add_argument("--period", metavar="T")
+    p.add_argument("--priority", type=int, metavar="P", help="1..99, higher runs first")
+    p.add_argument("--introspection", choices=spec.BACKENDS)
+    p.add_argument("--ceiling", metavar="FRACTION", help="most bandwidth per vCPU introspection "
+                                                         "may grant (0.5, 50%%, 1/2)")
+    p.add_argument("--remove", action="store_true", help="remove the declaration")
+    p.set_defaults(func=cmd_declare)
+
+    p = sub.add_parser("status", help="declared vs enforced (read from the kernel) per vCPU")
+    p.add_argument("domain")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("ledger", help="host admission state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ledger)
+
+    p = sub.add_parser("install-hook", help="install the libvirt QEMU hook and reload libvirtd")
+    p.set_defaults(func=cmd_install_hook)
+    p = sub.add_parser("uninstall-hook", help="remove our hook (only ours)")
+    p.set_defaults(func=cmd_uninstall_hook)
+
+    try:
+        from . import analyze_cli
+    except ImportError:  # pragma: no cover - the analysis CLI ships with the package
+        analyze_cli = None  # type: ignore[assignment]
+    if analyze_cli is not None:
+        analyze_cli.add_parser(sub)
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "declare" and args.remove and (args.all or args.vcpu or args.policy):
+        _err("--remove takes no other declaration option")
+        return 2
+    try:
+        if args.command == "analyze":
+            from . import analyze_cli
+            return analyze_cli.run(args)
+        return args.func(args)
+    except KairosError as exc:
+        _err(str(exc))
+        return 1
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

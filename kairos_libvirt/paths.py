@@ -1,0 +1,27 @@
+"""Where kairos keeps per-domain runtime files (root-owned, never world-writable)."""
+from __future__ import annotations
+
+import os
+
+from .config import HostConfig
+
+
+def domain_dir(cfg: HostConfig, name: str) -> str:
+    return os.path.join(cfg.run_dir, "domains", name)
+
+
+def agent_pid_file(cfg: HostConfig, name: str) -> str:
+    return os.path.join(domain_dir(cfg, name), "agent.pid")
+
+
+def agent_lock_file(cfg: HostConfig, name: str) -> str:
+    return os.path.join(domain_dir(cfg, name), "agent.lock")
+
+
+def agent_log(cfg: HostConfig, name: str) -> str:
+    return os.path.join(cfg.log_dir, f"{name}.log")
+
+
+def valid_name(name: str) -> bool:
+    """libvirt forbids '/' in names; refuse anything that could escape our directories."""
+    return bool(name) and "/" not in name and name not in (".", "..") and "\0" not in name

@@ -1,0 +1,105 @@
+"""The live state the agent publishes in ``<metadata>`` (second namespace).
+
+``virsh metadata DOM http://kairosvm.org/xmlns/libvirt/realtime-state/1.0``::
+
+    <state agent-pid="812" qemu-pid="790" updated="2026-11-24T21:03:00Z">
+      <vcpu id="0" tid="801" source="declared" policy="deadline" priority="0"
+            runtime="2000000ns" deadline="10000000ns" period="10000000ns"
+            enforced="2026-11-24T21:02:58Z"/>
+      <vcpu id="1" tid="802" source="declared" policy="other" error="sched_setattr(tid 802): …"/>
+    </state>
+
+Parameters are what ``sched_getattr`` returned, never the declaration.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from lxml import etree
+
+from . import STATE_NS, STATE_PREFIX
+
+_Q = "{%s}" % STATE_NS
+
+
+def utcnow() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class VcpuState:
+    vcpu: int
+    tid: Optional[int] = None
+    policy: Optional[str] = None
+    priority: Optional[int] = None
+    runtime_ns: Optional[int] = None
+    deadline_ns: Optional[int] = None
+    period_ns: Optional[int] = None
+    enforced: Optional[str] = None
+    source: str = "declared"
+    error: Optional[str] = None
+
+
+@dataclass
+class DomainState:
+    agent_pid: Optional[int]
+    qemu_pid: Optional[int]
+    vcpus: List[VcpuState] = field(default_factory=list)
+    updated: Optional[str] = None
+    errors: List[str] = field(default_factory=list)
+
+
+_TIME_ATTRS = (("runtime", "runtime_ns"), ("deadline", "deadline_ns"), ("period", "period_ns"))
+
+
+def to_xml(st: DomainState) -> str:
+    root = etree.Element(_Q + "state", nsmap={STATE_PREFIX: STATE_NS})
+    for key, value in (("agent-pid", st.agent_pid), ("qemu-pid", st.qemu_pid),
+                       ("updated", st.updated)):
+        if value is not None:
+            root.set(key, str(value))
+    for v in st.vcpus:
+        el = etree.SubElement(root, _Q + "vcpu", {"id": str(v.vcpu), "source": v.source})
+        for key, value in (("tid", v.tid), ("policy", v.policy), ("priority", v.priority)):
+            if value is not None:
+                el.set(key, str(value))
+        for attr, name in _TIME_ATTRS:
+            value = getattr(v, name)
+            if value is not None:
+                el.set(attr, f"{value}ns")
+        if v.enforced:
+            el.set("enforced", v.enforced)
+        if v.error:
+            el.set("error", v.error)
+    for msg in st.errors:
+        etree.SubElement(root, _Q + "error").text = msg
+    return etree.tostring(root, encoding="unicode")
+
+
+def from_xml(text: str) -> DomainState:
+    root = etree.fromstring(text.encode(), etree.XMLParser(resolve_entities=False,
+                                                           no_network=True))
+    def _int(el: etree._Element, key: str) -> Optional[int]:
+        v = el.get(key)
+        return int(v) if v is not None else None
+
+    def _ns(el: etree._Element, key: str) -> Optional[int]:
+        v = el.get(key)
+        return int(v[:-2]) if v is not None and v.endswith("ns") else None
+
+    st = DomainState(agent_pid=_int(root, "agent-pid"), qemu_pid=_int(root, "qemu-pid"),
+                     updated=root.get("updated"))
+    for el in root.findall(_Q + "vcpu"):
+        st.vcpus.append(VcpuState(vcpu=int(el.get("id")), tid=_int(el, "tid"),
+                                  policy=el.get("policy"), priority=_int(el, "priority"),
+                                  runtime_ns=_ns(el, "runtime"), deadline_ns=_ns(el, "deadline"),
+                                  period_ns=_ns(el, "period"), enforced=el.get("enforced"),
+                                  source=el.get("source", "declared"), error=el.get("error")))
+    st.errors = [e.text or "" for e in root.findall(_Q + "error")]
+    return st
+
+
+def as_dict(st: DomainState) -> Dict[int, VcpuState]:
+    return {v.vcpu: v for v in st.vcpus}
