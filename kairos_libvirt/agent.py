@@ -21,8 +21,8 @@ from typing import Dict, Optional
 
 from . import config as _config
 from . import enforce, paths, rtgroups
-from .errors import KairosError
-from .host import cgroup, proc, sched
+from .errors import HostError, KairosError
+from .host import cgroup, cpuset, proc, sched
 from .ledger import Ledger, ensure_dir, sched_from_json
 from .spec import VcpuSched
 from .state import DomainState, VcpuState, to_xml, utcnow
@@ -117,7 +117,7 @@ class Agent:
             due = vid not in self.errors or time.monotonic() >= self.retry_at.get(vid, 0.0)
             if not enforce.matches(k, want) and due:
                 try:
-                    enforce.apply_thread(tid, want)
+                    self._apply(vid, tid, want)
                     self.enforced_at[vid] = utcnow()
                     log.info("vCPU %d (tid %d): enforced %s", vid, tid, _describe(want))
                     self.errors.pop(vid, None)
@@ -144,6 +144,20 @@ class Agent:
             st.vcpus.append(vs)
         self._publish(st)
         return st
+
+    def _apply(self, vid: int, tid: int, want: VcpuSched) -> None:
+        """Apply; on EBUSY for bandwidth the ledger did admit, repair the kernel's
+        deadline accounting once (root-domain rebuild, host/cpuset.py) and retry."""
+        try:
+            enforce.apply_thread(tid, want)
+        except HostError as exc:
+            if exc.errno != _errno.EBUSY or want.policy != "deadline":
+                raise
+            log.warning("vCPU %d: kernel refused admitted bandwidth (EBUSY); its deadline "
+                        "accounting looks stale: rebuilding root domains and retrying", vid)
+            if not cpuset.rebuild_root_domains():
+                raise
+            enforce.apply_thread(tid, want)
 
     def _ensure_rt_groups(self, pid: int, tids: Dict[int, int],
                           rt_vcpus: Dict[int, VcpuSched]) -> None:

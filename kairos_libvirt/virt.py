@@ -61,7 +61,8 @@ def get_metadata(dom: libvirt.virDomain, ns: str, live: bool) -> Optional[str]:
 def set_state(dom: libvirt.virDomain, xml: Optional[str]) -> None:
     """Publish (or with None remove) the agent's live state element."""
     try:
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, STATE_PREFIX if xml else None,
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, unqualified(xml) if xml else None,
+                        STATE_PREFIX if xml else None,
                         STATE_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     except libvirt.libvirtError as exc:
         raise LibvirtError(f"publishing live state of {dom.name()}", exc) from None
@@ -70,7 +71,8 @@ def set_state(dom: libvirt.virDomain, xml: Optional[str]) -> None:
 def set_declaration(dom: libvirt.virDomain, xml: Optional[str]) -> None:
     """Write (or with None remove) the declaration in the persistent config only."""
     try:
-        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, DECL_PREFIX if xml else None,
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, unqualified(xml) if xml else None,
+                        DECL_PREFIX if xml else None,
                         DECL_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
     except libvirt.libvirtError as exc:
         raise LibvirtError(f"writing the declaration of {dom.name()}", exc) from None
@@ -95,3 +97,19 @@ def is_active(dom: libvirt.virDomain) -> bool:
         return bool(dom.isActive())
     except libvirt.libvirtError:
         return False
+
+
+def unqualified(xml: str) -> str:
+    """Drop the namespace from an element tree for ``virDomainSetMetadata``.
+
+    libvirt adds the namespace itself from (key, uri); an element that already
+    declares that prefix fails with "failed to create a new XML namespace".
+    """
+    from lxml import etree
+    root = etree.fromstring(xml.encode(), etree.XMLParser(resolve_entities=False,
+                                                          no_network=True))
+    for el in root.iter():
+        if isinstance(el.tag, str):
+            el.tag = etree.QName(el).localname
+    etree.cleanup_namespaces(root)
+    return etree.tostring(root, encoding="unicode")
