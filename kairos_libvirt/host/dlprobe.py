@@ -13,20 +13,24 @@ thread back to SCHED_OTHER would leak it).
 from __future__ import annotations
 
 import errno as _errno
+import os
 import threading
+import time
 from fractions import Fraction
 from typing import List
 
 from ..errors import HostError
 from . import sched
 
-PERIOD_NS = 1_000_000_000
-STEP_NS = 1_000  # 1 us resolution: 1e-6 of a CPU
+#: Short on purpose: a SCHED_DEADLINE thread that exits returns its bandwidth
+#: only at its "0-lag" time (inactive_task_timer), up to one deadline later.
+PERIOD_NS = 10_000_000
+STEP_NS = 1_000  # 1 us: 1e-4 of a CPU at this period
 
 
 def _max_runtime(tid: int) -> int:
     """Largest runtime (ns, at PERIOD_NS) the kernel admits for ``tid``; 0 if none."""
-    lo, hi = 0, PERIOD_NS // STEP_NS  # in steps; lo admitted (0 = nothing yet)
+    lo, hi = 0, PERIOD_NS // STEP_NS  # in steps; lo is admitted (0 = nothing yet)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         runtime = max(mid * STEP_NS, 1024)
@@ -72,4 +76,17 @@ def probe_free_bandwidth(max_threads: int = 256) -> Fraction:
         stop.set()
         for t in threads:
             t.join(timeout=5)
+        wait_threads_gone(ready)
+        time.sleep(2 * PERIOD_NS / 1e9)  # let the exited threads' 0-lag timers fire
     return total
+
+
+def wait_threads_gone(tids: List[int], timeout_s: float = 5.0) -> None:
+    """``Thread.join`` returns before the kernel has reaped the thread, and a
+    SCHED_DEADLINE thread's bandwidth is returned only then."""
+    deadline = time.monotonic() + timeout_s
+    pid = os.getpid()
+    while time.monotonic() < deadline:
+        if not any(os.path.exists(f"/proc/{pid}/task/{t}") for t in tids):
+            return
+        time.sleep(0.001)
