@@ -91,13 +91,17 @@ def from_xml(text: str) -> DomainState:
 
     st = DomainState(agent_pid=_int(root, "agent-pid"), qemu_pid=_int(root, "qemu-pid"),
                      updated=root.get("updated"))
-    for el in root.findall(_Q + "vcpu"):
+    # libvirt hands the element back qualified (API) or not (`virsh metadata`).
+    def children(tag: str) -> list:
+        return [el for el in root if isinstance(el.tag, str) and etree.QName(el).localname == tag]
+
+    for el in children("vcpu"):
         st.vcpus.append(VcpuState(vcpu=int(el.get("id")), tid=_int(el, "tid"),
                                   policy=el.get("policy"), priority=_int(el, "priority"),
                                   runtime_ns=_ns(el, "runtime"), deadline_ns=_ns(el, "deadline"),
                                   period_ns=_ns(el, "period"), enforced=el.get("enforced"),
                                   source=el.get("source", "declared"), error=el.get("error")))
-    st.errors = [e.text or "" for e in root.findall(_Q + "error")]
+    st.errors = [e.text or "" for e in children("error")]
     return st
 
 
