@@ -257,12 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("uninstall-hook", help="remove our hook (only ours)")
     p.set_defaults(func=cmd_uninstall_hook)
 
-    try:
-        from . import analyze_cli
-    except ImportError:  # pragma: no cover - the analysis CLI ships with the package
-        analyze_cli = None  # type: ignore[assignment]
-    if analyze_cli is not None:
-        analyze_cli.add_parser(sub)
+    from . import ops_cli
+    ops_cli.add_parsers(sub)
     return ap
 
 
@@ -272,9 +268,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         _err("--remove takes no other declaration option")
         return 2
     try:
-        if args.command == "analyze":
-            from . import analyze_cli
-            return analyze_cli.run(args)
         return args.func(args)
     except KairosError as exc:
         _err(str(exc))

@@ -7,6 +7,7 @@ teardown check fails the test if anything of kairos is left: an agent, a
 """
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
@@ -28,6 +29,7 @@ GUEST_DIR = os.environ.get("KAIROS_GUEST_DIR", "/var/lib/kairos/guest")
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
 CONSOLE_DIR = "/var/log/kairos"
 _counter = itertools.count()
+_SESSION_LOCK: Optional[int] = None
 
 
 def virsh(*args: str, check: bool = False, timeout: float = 120,
@@ -71,6 +73,11 @@ def libvirt_env() -> Dict[str, str]:
     for f in ("vmlinuz", "initrd.img"):
         if not os.path.exists(os.path.join(GUEST_DIR, f)):
             skip_or_fail("libvirt", f"the test guest is not built: {GUEST_DIR}/{f} (run guest/build)")
+    # One end-to-end session at a time on a host: they share libvirtd, the
+    # ledger and the CPUs' real-time capacity.  The lock dies with the process.
+    global _SESSION_LOCK
+    _SESSION_LOCK = os.open("/run/kairos-e2e.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(_SESSION_LOCK, fcntl.LOCK_EX)
     cfg = config.load()
     install.install(cfg)  # this checkout's hook, pointing at this interpreter
     os.makedirs(CONSOLE_DIR, exist_ok=True)
