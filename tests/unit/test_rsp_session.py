@@ -372,9 +372,9 @@ def test_resume_ack_timeout_closes() -> None:
 
 
 def test_resume_in_no_ack_mode_waits_for_nothing() -> None:
-    s, t = stopped_session(send(pkt(b"c")))
+    s, t = stopped_session(send(pkt(b"c")), recv(b"\r\n"), recv(pkt(b"S05")))
     s.resume(b"c")
-    assert t.done()
+    assert s.wait_stop().signal == 5 and t.done()
 
 
 def test_wait_stop_timeout_leaves_target_running_then_interrupt() -> None:
