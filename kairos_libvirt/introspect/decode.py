@@ -342,7 +342,7 @@ def decode_sched_attr(addr: int, read: Reader, *,
 def parse_sched_param(data: bytes) -> int:
     """``struct sched_param { int sched_priority; }`` -> the priority (0..99)."""
     _need("struct sched_param", data, 4)
-    priority = struct.unpack_from("<i", data)[0]
+    priority: int = struct.unpack_from("<i", data)[0]
     if not 0 <= priority < _MAX_RT_PRIO:
         raise DecodeError("struct sched_param", f"priority {priority} is outside 0..99 (EINVAL)",
                           raw=bytes(data[:4]))

@@ -11,7 +11,7 @@ Packets from the GDB manual's "Packets" section: ``g``, ``G``, ``p``, ``P``,
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional, Type, TypeVar, Union
+from typing import Callable, Dict, FrozenSet, Optional, Type, TypeVar, Union
 
 from kairos_libvirt.introspect.rsp.errors import (
     RspError, RspProtocolError, RspRemoteError, RspUnsupportedError)
@@ -46,7 +46,7 @@ class RspClient:
         self.session = session
         self.registers = registers
         #: Actions from ``vCont?``; empty when the stub has no ``vCont``.
-        self.vcont_actions: frozenset = frozenset()
+        self.vcont_actions: FrozenSet[str] = frozenset()
         self._p_supported = True
         self._P_supported = True
 
@@ -342,7 +342,7 @@ class RspClient:
         try:
             if self.state is Runstate.RUNNING:
                 self.interrupt()
-            if self.state is not Runstate.DISCONNECTED:
+            if self.state in (Runstate.CONNECTED, Runstate.STOPPED):
                 if check_reply(b"D", self.session.request(b"D")) != b"OK":
                     raise RspProtocolError("unexpected reply to D", b"D")
         finally:

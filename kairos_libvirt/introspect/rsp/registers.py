@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Literal, Optional, Tuple
 
 from kairos_libvirt.introspect.rsp.errors import RspProtocolError
 
@@ -37,7 +37,8 @@ class RegisterTable:
     """Registers by name and number, with their offsets in ``g``."""
 
     def __init__(self, regs: Iterable[Tuple[str, int, Optional[int]]], *,
-                 architecture: str = "", byteorder: str = "little") -> None:
+                 architecture: str = "",
+                 byteorder: Literal["little", "big"] = "little") -> None:
         """``regs`` are (name, bitsize, regnum or None = previous + 1) in document order."""
         self.architecture = architecture
         self.byteorder = byteorder

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import select
 import socket
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Tuple, Union
 
 from kairos_libvirt.introspect.rsp.errors import RspConnectionError
 
@@ -54,7 +54,8 @@ class SocketTransport:
         return cls._connect(socket.AF_INET, (host, port), f"tcp:{host}:{port}", timeout)
 
     @classmethod
-    def _connect(cls, family: int, address: object, peer: str, timeout: float) -> "SocketTransport":
+    def _connect(cls, family: int, address: Union[str, Tuple[str, int]], peer: str,
+                 timeout: float) -> "SocketTransport":
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
