@@ -24,7 +24,7 @@ from . import enforce, paths, rtgroups
 from .errors import HostError, KairosError
 from .host import cgroup, cpuset, proc, sched
 from .ledger import Ledger, ensure_dir, sched_from_json
-from .spec import VcpuSched
+from .model import VcpuSched
 from .state import DomainState, VcpuState, to_xml, utcnow
 
 log = logging.getLogger("kairosvm-agent")
@@ -60,6 +60,10 @@ class Agent:
         if pid is None:
             log.info("QEMU of %s is not running; exiting", self.name)
             return 0
+        with self.ledger.locked() as state:
+            if self.ledger.mark_running(state, self.name, pid) is None:
+                log.info("ledger entry of %s released meanwhile; exiting", self.name)
+                return 0
         self._connect()
         last_check = 0.0
         while not self.stop.is_set():

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional
 
-import yaml
-
 from .errors import KairosError, UnitError
 from .host.cpus import parse_cpulist
 from .units import parse_fraction
@@ -48,6 +46,7 @@ def load(path: Optional[str] = None) -> HostConfig:
         return HostConfig()
     except OSError as exc:
         raise KairosError(f"{path}: cannot read host configuration: {exc.strerror}") from None
+    import yaml  # only when a config file exists: keeps the hook's start-up short
     try:
         data = yaml.safe_load(raw) or {}
     except yaml.YAMLError as exc:

@@ -6,7 +6,7 @@ from typing import Optional
 
 from .host import sched
 from .host.sched import ThreadSched
-from .spec import VcpuSched
+from .model import VcpuSched
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ import time
 from typing import Dict, Optional
 
 from . import config as _config
-from . import paths, rtgroups
+from . import paths
 from .errors import AdmissionError, DeclarationError, HostError, KairosError
 from .host import cgroup, proc
 from .host.cpus import format_cpulist, parse_cpulist
 from .ledger import Ledger, ensure_dir
-from .spec import DomainInfo, VcpuSched, parse_domain
+from .model import DomainInfo, VcpuSched
 from .units import format_ns
 
 log = logging.getLogger("kairosvm-hook")
@@ -86,6 +86,8 @@ def _read_sysctl(name: str) -> Optional[int]:
 # operations
 
 def prepare(cfg: _config.HostConfig, name: str, xml: bytes) -> None:
+    from . import rtgroups
+    from .spec import parse_domain  # lxml: only on the paths that parse XML
     info = parse_domain(xml)
     ledger = Ledger(cfg)
     if info.declaration is None:
@@ -121,6 +123,7 @@ def started(cfg: _config.HostConfig, name: str) -> None:
 
 def reconnect(cfg: _config.HostConfig, name: str, xml: bytes) -> None:
     """libvirtd restarted while the domain runs: the agent must run."""
+    from .spec import parse_domain
     ledger = Ledger(cfg)
     with ledger.locked() as state:
         if name not in state["domains"]:
@@ -145,6 +148,7 @@ def reconnect(cfg: _config.HostConfig, name: str, xml: bytes) -> None:
 
 
 def release(cfg: _config.HostConfig, name: str) -> None:
+    from . import rtgroups
     stop_agent(cfg, name)
     ledger = Ledger(cfg)
     with ledger.locked() as state:

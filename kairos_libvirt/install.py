@@ -37,6 +37,7 @@ def render(cfg: HostConfig, python: Optional[str] = None) -> str:
     python = python or sys.executable
     text = text.replace("KAIROS_PYTHON=${KAIROS_PYTHON:-python3}", f"KAIROS_PYTHON={python}")
     text = text.replace("KAIROS_RUN=${KAIROS_RUN:-/run/kairos}", f"KAIROS_RUN={cfg.run_dir}")
+    text = text.replace("KAIROS_LOG=${KAIROS_LOG:-/var/log/kairos}", f"KAIROS_LOG={cfg.log_dir}")
     return text
 
 

@@ -21,7 +21,7 @@ from typing import Dict, Iterator, Optional
 from .config import HostConfig
 from .errors import AdmissionError, KairosError
 from .host import proc
-from .spec import VcpuSched
+from .model import VcpuSched
 from .units import format_fraction, format_ns
 
 LEDGER = "ledger.json"
