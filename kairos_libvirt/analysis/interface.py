@@ -1,0 +1,384 @@
+"""The smallest safe server per vCPU: from guest tasks to SCHED_DEADLINE parameters.
+
+For one vCPU and a period Π we want the least budget Θ such that the tasks
+are schedulable on EDP(Π, Θ, Δ).
+
+Monotonicity (why bisection and jumping are exact): for fixed Π and Δ, any
+legal schedule of a (Θ + 1)-budget server contains a legal schedule of a
+Θ-budget server (drop one unit per period), so every window gets at least as
+much supply and sbf never decreases in Θ.  With Δ tied to Θ (Δ = Θ + overhead,
+the EDP search below) the formula shows it directly: Δ − Θ stays fixed and
+the blackout Π + Δ − 2Θ shrinks.  Likewise a smaller Δ only removes legal
+schedules, so sbf never decreases as Δ shrinks.  Both tests only compare
+demand, which does not depend on the server, with sbf, so a schedulable Θ
+stays schedulable when Θ grows or Δ shrinks.
+
+Search: start at Θ = ⌈UΠ⌉ (necessary).  On failure the test hands back a
+necessary condition the server violated (a deadline d with dbf(d) > sbf(d),
+or a fixed-priority task that missed); we bisect for the least Θ that meets
+that condition alone (cheap), and test again.  Every skipped Θ provably
+fails, so the result is the exact minimum on the budget grid.
+
+Period (and deadline) search: Π ranges over a geometric grid within
+``period_bounds`` and is then refined between the best point's neighbours;
+the objective is (Θ + overhead)/Π, i.e. bandwidth plus the per-period cost of
+switching the vCPU.  This is the best Π *on that grid*, not a proven global
+optimum (the minimal bandwidth is not monotone in Π).  With the EDP model the
+least Θ for a Π is reached with the tightest deadline Δ = Θ + overhead (sbf
+only improves as Δ shrinks); we then bisect for the largest Δ that keeps that
+Θ, so the host gets the loosest deadline at the least bandwidth.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from ..errors import AnalysisError
+from .demand import utilisation
+from .model import Task, with_priorities
+from .partition import HEURISTIC, partition
+from .schedulability import Witness, Workload
+from .supply import EDP
+
+#: ``__checkparam_dl``: sched_runtime must be at least 1 << DL_SCALE ns.
+DL_MIN_RUNTIME_NS = 1 << 10
+#: Defaults of /proc/sys/kernel/sched_deadline_period_{min,max}_us.
+DL_PERIOD_MIN_NS = 100 * 1000
+DL_PERIOD_MAX_NS = (1 << 22) * 1000
+MODELS = ("edp", "prm")
+
+
+@dataclass(frozen=True)
+class ServerInterface:
+    """One vCPU's server: give it ``runtime_ns`` every ``period_ns`` within ``deadline_ns``.
+
+    ``budget_ns`` (Θ) is the supply the guest tasks need; ``runtime_ns`` adds the
+    per-period switching overhead and is what goes into ``sched_attr.sched_runtime``.
+    A vCPU without real-time tasks has budget 0: it needs no reservation.
+    """
+
+    vcpu: int
+    budget_ns: int
+    period_ns: int
+    deadline_ns: int
+    tasks: Tuple[str, ...]
+    schedulable: bool
+    overhead_ns: int = 0
+    model: str = "edp"
+    utilisation: Fraction = Fraction(0)
+    response_times_ns: Mapping[str, int] = field(default_factory=dict)
+    reason: str = ""
+    #: False if some EDF test hit its work limit: the budget is safe but
+    #: possibly above the minimum for this period (see Workload.max_work).
+    exact: bool = True
+
+    @property
+    def runtime_ns(self) -> int:
+        """SCHED_DEADLINE runtime: Θ plus the overhead (0 when there is nothing to run)."""
+        return self.budget_ns + self.overhead_ns if self.budget_ns else 0
+
+    @property
+    def bandwidth(self) -> Fraction:
+        """runtime/period, exact: what host admission control counts."""
+        return Fraction(self.runtime_ns, self.period_ns)
+
+
+@dataclass(frozen=True)
+class GuestInterface:
+    """Servers for all vCPUs of one guest, and what was assumed to get them."""
+
+    servers: Tuple[ServerInterface, ...]
+    model: str
+    #: "pinned" (tasks named their vCPU, or there is one vCPU) or "assumed".
+    partition: str
+    assignment: Mapping[str, int]
+    #: Fixed priorities used for fp tasks (given, or deadline-monotonic).
+    priorities: Mapping[str, int]
+    heuristic: str = HEURISTIC
+
+    @property
+    def schedulable(self) -> bool:
+        """True only if every vCPU's server passes."""
+        return all(s.schedulable for s in self.servers)
+
+    @property
+    def total_bandwidth(self) -> Fraction:
+        """Σ runtime/period over the vCPUs."""
+        return sum((s.bandwidth for s in self.servers), Fraction(0))
+
+    @property
+    def utilisation(self) -> Fraction:
+        """Σ C/T of all tasks."""
+        return sum((s.utilisation for s in self.servers), Fraction(0))
+
+
+def _least(lo: int, hi: int, at: Callable[[int], Tuple[int, int, int]],
+           violation: Callable[[int, int, int], Optional[Witness]]) -> Optional[int]:
+    """Least k in [lo, hi] whose server ``at(k)`` passes, None if none.
+
+    ``at`` must strengthen the supply as k grows.  Each failure's witness is a
+    monotone necessary condition, so bisecting on it skips only failing k.
+    """
+    k = lo
+    while k <= hi:
+        witness = violation(*at(k))
+        if witness is None:
+            return k
+        if not witness(*at(hi)):
+            return None
+        a, b = k, hi  # witness false at a, true at b
+        while b - a > 1:
+            m = (a + b) // 2
+            if witness(*at(m)):
+                b = m
+            else:
+                a = m
+        k = b
+    return None
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _budget_range(wl: Workload, period: int, max_runtime: int, overhead: int,
+                  grid: int) -> Tuple[int, int]:
+    """Grid indices k (Θ = k·grid) worth trying: Θ >= UΠ, runtime >= 1024 ns, runtime <= cap."""
+    u = wl.u
+    lo_ns = max(1, DL_MIN_RUNTIME_NS - overhead, _ceil_div(u.numerator * period, u.denominator))
+    return _ceil_div(lo_ns, grid), (max_runtime - overhead) // grid
+
+
+def _min_budget(wl: Workload, period: int, deadline: Optional[int], overhead: int, grid: int,
+                cap_ns: Optional[int] = None) -> Optional[int]:
+    """Least Θ on the grid; ``deadline=None`` ties Δ to Θ + overhead (EDP search).
+
+    ``wl.capped`` grows if some test was not proven (then Θ may not be least).
+    """
+    max_runtime = period if deadline is None else deadline
+    lo, hi = _budget_range(wl, period, max_runtime, overhead, grid)
+    if cap_ns is not None:
+        hi = min(hi, cap_ns // grid)
+    if deadline is None:
+        def at(k: int) -> Tuple[int, int, int]:
+            return period, k * grid, k * grid + overhead
+    else:
+        def at(k: int) -> Tuple[int, int, int]:
+            return period, k * grid, deadline
+    k = _least(lo, hi, at, wl.violation)
+    return None if k is None else k * grid
+
+
+def _max_deadline(wl: Workload, period: int, budget: int, overhead: int, grid: int) -> int:
+    """Largest Δ on the grid (from Θ + overhead up to Π) that keeps Θ schedulable."""
+    base = budget + overhead
+    steps = (period - base) // grid
+
+    def at(k: int) -> Tuple[int, int, int]:
+        return period, budget, base + (steps - k) * grid
+    k = _least(0, steps, at, wl.violation)
+    assert k is not None, "Δ = Θ + overhead passed the budget search"
+    return base + (steps - k) * grid
+
+
+def minimal_budget(tasks: Sequence[Task], *, period_ns: int, deadline_ns: Optional[int] = None,
+                   overhead_ns: int = 0, granularity_ns: int = 1) -> Optional[int]:
+    """Exact least budget Θ for EDP(period, Θ, deadline), deadline defaulting to the period.
+
+    Θ is a multiple of ``granularity_ns``, and Θ + overhead is at least 1024 ns
+    and at most the deadline (SCHED_DEADLINE's rules).  None when even
+    Θ = deadline − overhead fails.
+    """
+    deadline = period_ns if deadline_ns is None else deadline_ns
+    _check_server_args(period_ns, deadline, overhead_ns, granularity_ns)
+    return _min_budget(Workload(tasks), period_ns, deadline, overhead_ns, granularity_ns)
+
+
+def _check_server_args(period: int, deadline: Optional[int], overhead: int, grid: int) -> None:
+    for what, v in (("period_ns", period), ("overhead_ns", overhead), ("granularity_ns", grid)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if what == "overhead_ns" else 1):
+            raise AnalysisError(f"{what} {v!r} is not allowed; use a whole number of nanoseconds"
+                                f"{' >= 0' if what == 'overhead_ns' else ' > 0'}")
+    if period < DL_MIN_RUNTIME_NS:
+        raise AnalysisError(f"period {period} ns is not allowed; SCHED_DEADLINE needs at least "
+                            f"{DL_MIN_RUNTIME_NS} ns")
+    if deadline is not None and (not isinstance(deadline, int) or isinstance(deadline, bool)
+                                 or not DL_MIN_RUNTIME_NS <= deadline <= period):
+        raise AnalysisError(f"deadline {deadline!r} ns is not allowed; use "
+                            f"{DL_MIN_RUNTIME_NS} ns <= deadline <= period ({period} ns)")
+
+
+def _grid(lo: int, hi: int, n: int, grid: int, geometric: bool) -> List[int]:
+    """About ``n`` periods from lo to hi (inclusive), rounded to the grid, ints only."""
+    out = {lo, hi}
+    if hi > lo and n > 1:
+        for i in range(1, n):
+            if geometric:
+                # lo·(hi/lo)^(i/n) without floats: bisect the integer x with x^n ≈ lo^(n−i)·hi^i.
+                target = lo ** (n - i) * hi ** i
+                a, b = lo, hi
+                while b - a > 1:
+                    m = (a + b) // 2
+                    if m ** n <= target:
+                        a = m
+                    else:
+                        b = m
+                x = a
+            else:
+                x = lo + (hi - lo) * i // n
+            x = x // grid * grid
+            if lo <= x <= hi:
+                out.add(x)
+    return sorted(out)
+
+
+def _search_period(wl: Workload, lo: int, hi: int, model: str, overhead: int, grid: int,
+                   steps: int) -> Optional[Tuple[int, int, bool]]:
+    """Best (Π, Θ, exact) on the grid by (Θ + overhead)/Π; larger Π wins ties (fewer switches)."""
+    best: Optional[Tuple[Fraction, int, int]] = None
+    seen: Dict[int, bool] = {}  # period -> its least budget was proven least
+
+    def consider(p: int) -> None:
+        nonlocal best
+        if p in seen:
+            return
+        cap = None
+        if best is not None:
+            cap = math.floor(best[0] * p) - overhead  # a larger Θ cannot win
+            if cap < 1:
+                seen[p] = True
+                return
+        before = wl.capped
+        q = _min_budget(wl, p, None if model == "edp" else p, overhead, grid, cap)
+        seen[p] = wl.capped == before
+        if q is not None:
+            cost = Fraction(q + overhead, p)
+            if best is None or cost < best[0] or (cost == best[0] and p > best[1]):
+                best = (cost, p, q)
+
+    coarse = _grid(lo, hi, steps, grid, geometric=True)
+    dmin = min(t.deadline_ns for t in wl.tasks) // grid * grid
+    for p in coarse + ([dmin] if lo <= dmin <= hi else []):
+        consider(p)
+    if best is None:
+        return None
+    ordered = sorted(seen)
+    i = ordered.index(best[1])
+    a = ordered[i - 1] if i > 0 else lo
+    b = ordered[i + 1] if i + 1 < len(ordered) else hi
+    for p in _grid(a, b, max(2, steps // 2), grid, geometric=False):
+        consider(p)
+    return best[1], best[2], seen[best[1]]
+
+
+def interface_for(tasks: Sequence[Task], *, vcpus: int, model: str = "edp",
+                  period_ns: Optional[int] = None, deadline_ns: Optional[int] = None,
+                  overhead_ns: int = 0,
+                  period_bounds: Optional[Tuple[int, int]] = None,
+                  granularity_ns: int = 1, period_steps: int = 24) -> GuestInterface:
+    """Smallest safe per-vCPU servers for ``tasks`` on a guest with ``vcpus`` vCPUs.
+
+    * ``model``: ``"edp"`` (deadline may be below the period) or ``"prm"``
+      (deadline = period).
+    * ``period_ns``: fix Π; otherwise search ``period_bounds`` (default: the
+      kernel's 100 µs up to the smallest task deadline on that vCPU, at most
+      the kernel's ~4.19 s).  ``deadline_ns`` fixes Δ as well (EDP only; PRM
+      uses Δ = Π); with EDP and no fixed Δ the loosest Δ at the least Θ is chosen.
+    * ``overhead_ns``: cost of switching the vCPU once per period; it is added
+      to the runtime and to the objective (Θ + overhead)/Π.
+    * ``granularity_ns``: budgets, periods and deadlines are multiples of it
+      (1000 gives whole microseconds).
+    Tasks without a vCPU are partitioned (:mod:`.partition`); fp tasks without
+    priorities get deadline-monotonic ones.
+    """
+    if model not in MODELS:
+        raise AnalysisError(f"model {model!r} is not allowed; use 'edp' or 'prm'")
+    if not isinstance(vcpus, int) or isinstance(vcpus, bool) or vcpus < 1:
+        raise AnalysisError(f"vcpus {vcpus!r} is not allowed; use an integer >= 1")
+    if deadline_ns is not None and period_ns is None:
+        raise AnalysisError(f"deadline {deadline_ns} ns given without a period; fix the period too")
+    if period_ns is not None:
+        _check_server_args(period_ns, deadline_ns, overhead_ns, granularity_ns)
+        if model == "prm" and deadline_ns not in (None, period_ns):
+            raise AnalysisError(f"deadline {deadline_ns} ns is not allowed with the prm model; "
+                                "PRM has deadline = period, use --model edp")
+    else:
+        _check_server_args(DL_PERIOD_MIN_NS, None, overhead_ns, granularity_ns)
+    if period_bounds is not None:
+        lo_b, hi_b = period_bounds
+        if (not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo_b, hi_b))
+                or not DL_MIN_RUNTIME_NS <= lo_b <= hi_b):
+            raise AnalysisError(f"period bounds {period_bounds!r} are not allowed; use "
+                                f"{DL_MIN_RUNTIME_NS} ns <= min <= max")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise AnalysisError(f"task {dup!r}: name is used twice; names must be unique")
+    tasks = with_priorities(tasks)
+    where, assumed = partition(tasks, vcpus)
+    servers = []
+    for v in range(vcpus):
+        mine = [t for t in tasks if where[t.name] == v]
+        servers.append(_server_for(v, mine, model, period_ns, deadline_ns, overhead_ns,
+                                   period_bounds, granularity_ns, period_steps))
+    return GuestInterface(
+        servers=tuple(servers), model=model, partition="assumed" if assumed else "pinned",
+        assignment=dict(where),
+        priorities={t.name: t.priority for t in tasks if t.scheduler == "fp" and t.priority})
+
+
+def _server_for(vcpu: int, tasks: List[Task], model: str, period: Optional[int],
+                deadline: Optional[int], overhead: int, bounds: Optional[Tuple[int, int]],
+                grid: int, steps: int) -> ServerInterface:
+    names = tuple(t.name for t in tasks)
+    u = utilisation(tasks)
+    if bounds is None:
+        hi = min(DL_PERIOD_MAX_NS, min((t.deadline_ns for t in tasks), default=DL_PERIOD_MIN_NS))
+        lo = DL_PERIOD_MIN_NS
+        bounds = (lo, max(lo, hi))
+    lo, hi = _ceil_div(bounds[0], grid) * grid, bounds[1] // grid * grid
+    if hi < lo:
+        raise AnalysisError(f"period bounds {bounds!r} hold no multiple of the {grid} ns grid")
+    if not tasks:
+        p = period if period is not None else lo
+        return ServerInterface(vcpu, 0, p, deadline or p, (), True, overhead, model, u, {},
+                               "no real-time tasks: no reservation needed")
+    wl = Workload(tasks)
+    exact = True
+    if period is not None:
+        if model == "prm" or deadline is not None:
+            d = period if deadline is None else deadline
+            q = _min_budget(wl, period, d, overhead, grid)
+            found = None if q is None else (period, q, d)
+        else:
+            q = _min_budget(wl, period, None, overhead, grid)
+            found = None if q is None else (period, q, _max_deadline(wl, period, q, overhead, grid))
+        exact = wl.capped == 0
+        full = (period, max(1, (deadline or period) - overhead), deadline or period)
+    else:
+        best = _search_period(wl, lo, hi, model, overhead, grid, steps)
+        if best is None:
+            found = None
+        elif model == "prm":
+            found = (best[0], best[1], best[0])
+            exact = best[2]
+        else:
+            before = wl.capped
+            found = (best[0], best[1], _max_deadline(wl, best[0], best[1], overhead, grid))
+            exact = best[2] and wl.capped == before
+        full = (hi, max(1, hi - overhead), hi)
+    if found is None:
+        p, q, d = full
+        verdict = wl.verdict(EDP(p, q, d))
+        return ServerInterface(vcpu, q, p, d, names, False, overhead, model, u, {},
+                               "unschedulable even with the full budget: " + verdict.reason,
+                               exact)
+    p, q, d = found
+    verdict = wl.verdict(EDP(p, q, d))
+    assert verdict.schedulable, verdict.reason
+    reason = verdict.reason if exact else (
+        verdict.reason + "; some tests hit the work limit, so the budget is safe but may not be least")
+    return ServerInterface(vcpu, q, p, d, names, True, overhead, model, u,
+                           verdict.response_times_ns, reason, exact)

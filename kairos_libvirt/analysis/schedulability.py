@@ -1,0 +1,287 @@
+"""Exact tests: do one vCPU's tasks meet every deadline on a given server?
+
+Composition on one vCPU follows Linux: SCHED_DEADLINE runs above
+SCHED_FIFO/RR.  So
+
+* the DL ("edf") tasks are scheduled by EDF on the full server supply and
+  pass iff dbf(t) <= sbf(t) at every absolute deadline t up to a bound L
+  (Shin & Lee 2003, Easwaran et al. 2007); and
+* each RT ("fp") task i passes iff some t <= D_i has
+  C_i + Σ_{hp} ⌈t/T_j⌉C_j + Σ_{DL} W_k(t) <= sbf(t): the DL tasks are
+  higher-priority interference bounded by their workload W_k (jobs may run
+  anywhere up to their deadlines, see :func:`.demand.workload`), and
+  fixed-priority tasks of equal priority count as higher priority (FIFO/RR
+  ties can only delay us).  The least such t is the response time, found
+  by the fixed point R = sbf⁻¹(rbf_i(R)) (Almeida & Pedreiras 2004 style
+  response-time analysis on a supply bound).
+
+The check-point bound L for EDF (all integers):
+
+* If U < α = Θ/Π: dbf(t) <= Ut + Σ(T−D)C/T and sbf(t) >= α(t − B) with
+  blackout B = Π + Δ − 2Θ, so no deadline beyond
+  L = ⌊(Θ·B + Π·Σ(T−D)C/T) / (Θ − Π·U)⌋ can fail.
+* If U = α and Θ < Δ: unschedulable.  sbf(t) <= α(t − (Δ − Θ)) < αt, and at
+  t = any common multiple H of the periods dbf(H) = UH = αH > sbf(H).
+* If U = α and Θ = Δ: take any W > 0 with Σ⌈W/T⌉C <= sbf(W) (it exists: the
+  hyperperiod of the tasks and Π works).  Jobs released in [0, W) need at most
+  sbf(W), later ones at most dbf(t − W), and sbf is superadditive, so
+  dbf(t) <= sbf(W) + sbf(t − W) <= sbf(t) for t > W by induction.  We find the
+  least W by the fixed point W = sbf⁻¹(rbf(W)).
+* If U > α: unschedulable (the demand outgrows the supply).
+
+Deadlines up to L are not enumerated: we walk down from L as QPA does
+(Zhang & Burns, "Schedulability analysis for real-time systems with EDF
+scheduling", IEEE TC 2009).  If dbf(d) <= sbf(d) at the latest deadline
+d <= t, then every t' in [sbf⁻¹(dbf(d)), t] is fine too (dbf is flat from d
+to t, sbf non-decreasing), so we jump to sbf⁻¹(dbf(d)) − 1.  Each step
+passes at least one deadline, so the walk ends, and it checks exactly the
+condition above.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from .demand import utilisation
+from .model import Task, with_priorities
+from .supply import EDP, sbf, sbf_inverse
+
+#: A necessary condition the failed server violates, monotone in the supply:
+#: ``witness(period, budget, deadline)`` is True for every schedulable server.
+#: The interface search uses it to jump over budgets that cannot work.
+Witness = Callable[[int, int, int], bool]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of one test: the verdict, why, and the FP tasks' response times."""
+
+    schedulable: bool
+    reason: str
+    #: A deadline where dbf > sbf (EDF) or the task that missed (FP), if any.
+    failed_at_ns: Optional[int] = None
+    failed_task: Optional[str] = None
+    response_times_ns: Dict[str, int] = field(default_factory=dict)
+
+
+class Workload:
+    """One vCPU's tasks, pre-digested (ints in tuples) for many tests against servers."""
+
+    #: Work (check points × DL tasks) one EDF test may spend.  The walk is
+    #: pseudo-polynomial: it grows like 1/(α − U) when the bandwidth barely
+    #: exceeds the utilisation and the hyperperiod is huge.  Past the limit the
+    #: verdict is "not proven" and the server counts as failing, so results stay
+    #: safe but may not be minimal (the interface then says ``exact=False``).
+    max_work = 1_000_000
+    max_witnesses = 32
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        tasks = with_priorities(tasks)
+        self.tasks: Tuple[Task, ...] = tuple(tasks)
+        dl = [t for t in tasks if t.scheduler == "edf"]
+        fp = [t for t in tasks if t.scheduler == "fp"]
+        self.dl: Tuple[Tuple[int, int, int], ...] = tuple(
+            (t.runtime_ns, t.deadline_ns, t.period_ns) for t in dl)
+        self.dl_u = utilisation(dl)
+        self.dl_slack = sum((Fraction((t.period_ns - t.deadline_ns) * t.runtime_ns, t.period_ns)
+                             for t in dl), Fraction(0))
+        self.dl_dmin = min((t.deadline_ns for t in dl), default=0)
+        self.dl_h = math.lcm(*(t.period_ns for t in dl)) if dl else 0
+        self.dl_dbf_h = sum(self.dl_h // t.period_ns * t.runtime_ns for t in dl)
+        #: Deadlines (with their demand) that made some server fail, newest first.
+        self.edf_witnesses: List[Tuple[int, int]] = []
+        #: Tests that hit ``max_steps`` (their verdict is a conservative "no").
+        self.capped = 0
+        self.max_steps = max(1_000, self.max_work // max(1, len(dl)))
+        self.u = utilisation(tasks)
+        # Higher priority first: a failing high-priority task is found cheaply.
+        fp.sort(key=lambda t: (-(t.priority or 0), t.deadline_ns, t.name))
+        self.fp: List[Tuple[str, int, int, Tuple[Tuple[int, int], ...]]] = []
+        for t in fp:
+            hp = tuple((o.runtime_ns, o.period_ns) for o in fp
+                       if o is not t and (o.priority or 0) >= (t.priority or 0))
+            self.fp.append((t.name, t.runtime_ns, t.deadline_ns, hp))
+
+    # -- EDF (SCHED_DEADLINE tasks) ------------------------------------------------
+    def edf_bound(self, p: int, q: int, d: int) -> Optional[int]:
+        """Largest deadline that needs checking, or None if the DL tasks cannot fit at all."""
+        if not self.dl:
+            return 0
+        un, ud = self.dl_u.numerator, self.dl_u.denominator
+        lhs, rhs = q * ud, p * un  # compares α = q/p with U
+        if lhs < rhs or (lhs == rhs and q < d):
+            return None
+        if lhs > rhs:
+            sn, sd = self.dl_slack.numerator, self.dl_slack.denominator
+            blackout = p + d - 2 * q
+            bound = ((q * blackout * sd + p * sn) * ud) // ((lhs - rhs) * sd)
+        else:
+            # U = α with Θ = Δ: the first W > 0 with rbf(W) <= sbf(W).
+            w = sbf_inverse(sum(c for c, _, _ in self.dl), p, q, d)
+            while True:
+                r = sum(-(-w // t) * c for c, _, t in self.dl)
+                w2 = sbf_inverse(r, p, q, d)
+                if w2 <= w:
+                    break
+                w = w2
+            bound = w
+        # The hyperperiod H is another W: rbf(H) = UH = dbf(H).  If dbf(H) > sbf(H)
+        # the test fails there anyway, and the bound above stays valid.
+        if self.dl_h < bound and self.dl_dbf_h <= sbf(self.dl_h, p, q, d):
+            bound = self.dl_h
+        return bound
+
+    def edf_violation(self, p: int, q: int, d: int) -> Optional[Tuple[int, int]]:
+        """``None`` if the DL tasks pass, else ``(deadline, demand)`` with demand > sbf(deadline).
+
+        ``(-1, -1)`` means a utilisation failure (U > α, or U = α with Θ < Δ);
+        ``(-2, -2)`` means not proven within ``max_steps`` check points (see :attr:`max_work`).
+        """
+        if not self.dl:
+            return None
+        # Deadlines that failed for earlier servers first: dbf there does not
+        # depend on the server, so each is a cheap necessary condition.
+        for at, demand in self.edf_witnesses:
+            if sbf(at, p, q, d) < demand:
+                return (at, demand)
+        bound = self.edf_bound(p, q, d)
+        if bound is None:
+            return (-1, -1)
+        if self.dl_h <= bound and self.dl_dbf_h > sbf(self.dl_h, p, q, d):
+            return self._remember(self.dl_h, self.dl_dbf_h)
+        dl, dmin = self.dl, self.dl_dmin
+        off, blackout = d - q, p + d - 2 * q
+        t = bound
+        steps = self.max_steps
+        while t >= dmin:
+            steps -= 1
+            if steps < 0:
+                self.capped += 1
+                return (-2, -2)
+            h = 0
+            last = 0
+            for c, dd, tt in dl:
+                if t >= dd:
+                    k = (t - dd) // tt
+                    h += (k + 1) * c
+                    x = k * tt + dd
+                    if x > last:
+                        last = x
+            # sbf(last), inlined for speed
+            if last < off:
+                s = 0
+            else:
+                y = (last - off) // p
+                rest = last - blackout - y * p
+                s = y * q + rest if rest > 0 else y * q
+            if h > s:
+                return self._remember(last, h)
+            k = (h - 1) // q
+            t = blackout + k * p + (h - k * q) - 1  # sbf⁻¹(h) − 1
+        return None
+
+    def _remember(self, at: int, demand: int) -> Tuple[int, int]:
+        w = self.edf_witnesses
+        if (at, demand) not in w:
+            w.insert(0, (at, demand))
+            del w[self.max_witnesses:]
+        return (at, demand)
+
+    # -- fixed priority (SCHED_FIFO/RR tasks) --------------------------------------
+    def fp_response(self, i: int, p: int, q: int, d: int) -> Optional[int]:
+        """Worst-case response time of fp task ``i`` (index into ``self.fp``), None if > D."""
+        _, c_i, d_i, hp = self.fp[i]
+        dl = self.dl
+        r = sbf_inverse(c_i + sum(c for c, _ in hp), p, q, d)
+        while r <= d_i:
+            demand = c_i
+            for c, t in hp:
+                demand += -(-r // t) * c
+            for c, dd, t in dl:
+                x = r + dd - c
+                n = x // t
+                w = n * c + min(c, x - n * t)
+                demand += w if w < r else r
+            r2 = sbf_inverse(demand, p, q, d)
+            if r2 <= r:
+                return r
+            r = r2
+        return None
+
+    # -- both ------------------------------------------------------------------------
+    def violation(self, p: int, q: int, d: int) -> Optional[Witness]:
+        """None if schedulable on EDP(p, q, d); else a necessary condition it violates."""
+        un, ud = self.u.numerator, self.u.denominator
+        if q * ud < p * un:
+            return lambda p2, q2, d2: q2 * ud >= p2 * un
+        bad = self.edf_violation(p, q, d)
+        if bad == (-1, -1):
+            dn, dd = self.dl_u.numerator, self.dl_u.denominator
+            return lambda p2, q2, d2: q2 * dd > p2 * dn or (q2 == d2 and q2 * dd >= p2 * dn)
+        if bad == (-2, -2):
+            # Not proven: only a strictly stronger server can count as passing.
+            return lambda p2, q2, d2: q2 * p > q * p2 or (q2 * p == q * p2 and d2 < d)
+        if bad is not None:
+            at, demand = bad
+            return lambda p2, q2, d2: sbf(at, p2, q2, d2) >= demand
+        for i in range(len(self.fp)):
+            if self.fp_response(i, p, q, d) is None:
+                return lambda p2, q2, d2, i=i: self.fp_response(i, p2, q2, d2) is not None
+        return None
+
+    def verdict(self, supply: EDP) -> Verdict:
+        """A readable verdict for one server."""
+        p, q, d = supply.period_ns, supply.budget_ns, supply.deadline_ns
+        if self.u > supply.bandwidth:
+            return Verdict(False, f"utilisation {self.u} exceeds the server bandwidth {supply.bandwidth}")
+        bad = self.edf_violation(p, q, d)
+        if bad == (-1, -1):
+            return Verdict(False, f"SCHED_DEADLINE utilisation {self.dl_u} equals the bandwidth "
+                                  f"{supply.bandwidth} but the budget is below the deadline")
+        if bad == (-2, -2):
+            return Verdict(False, f"EDF test not proven within {self.max_steps} check points "
+                                  "(bandwidth too close to the utilisation); counted as failing")
+        if bad is not None:
+            return Verdict(False, f"EDF demand {bad[1]} ns exceeds the supply {supply.sbf(bad[0])} ns "
+                                  f"in a window of {bad[0]} ns", failed_at_ns=bad[0])
+        times: Dict[str, int] = {}
+        for i, (name, _, d_i, _) in enumerate(self.fp):
+            r = self.fp_response(i, p, q, d)
+            if r is None:
+                return Verdict(False, f"fixed-priority task {name!r} misses its deadline {d_i} ns",
+                               failed_task=name, response_times_ns=times)
+            times[name] = r
+        return Verdict(True, "every deadline is met", response_times_ns=times)
+
+
+def schedulable(tasks: Sequence[Task], supply: EDP) -> Verdict:
+    """Do ``tasks`` (DL above RT, as in Linux) meet every deadline on ``supply``?"""
+    return Workload(tasks).verdict(supply)
+
+
+def edf_schedulable(tasks: Sequence[Task], supply: EDP) -> bool:
+    """Exact EDF test: dbf(t) <= sbf(t) at every deadline up to :func:`check_bound`.
+
+    Every task is treated as an EDF (SCHED_DEADLINE) task.
+    """
+    return Workload([replace(t, scheduler="edf") for t in tasks]).edf_violation(
+        supply.period_ns, supply.budget_ns, supply.deadline_ns) is None
+
+
+def check_bound(tasks: Sequence[Task], supply: EDP) -> Optional[int]:
+    """The last deadline the EDF test looks at; None when the tasks cannot fit (U > α, or U = α with Θ < Δ)."""
+    return Workload([replace(t, scheduler="edf") for t in tasks]).edf_bound(
+        supply.period_ns, supply.budget_ns, supply.deadline_ns)
+
+
+def fp_response_times(tasks: Sequence[Task], supply: EDP) -> Dict[str, Optional[int]]:
+    """Worst-case response time of every task under fixed priority (None: misses its deadline).
+
+    Every task is treated as SCHED_FIFO/RR; missing priorities become
+    deadline-monotonic (see :func:`.model.with_priorities`).
+    """
+    wl = Workload([replace(t, scheduler="fp") for t in tasks])
+    p, q, d = supply.period_ns, supply.budget_ns, supply.deadline_ns
+    return {name: wl.fp_response(i, p, q, d) for i, (name, _, _, _) in enumerate(wl.fp)}
