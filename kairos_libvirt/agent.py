@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -46,6 +47,7 @@ class Agent:
         self.retry_at: Dict[int, float] = {}
         self.published: Optional[str] = None
         self.dom = None
+        self.reconnect_at = 0.0
 
     # -- lifecycle -------------------------------------------------------
     def run(self) -> int:
@@ -92,14 +94,16 @@ class Agent:
             self.stop.wait(0.1)
         return None
 
-    def _connect(self) -> None:
+    def _connect(self, timeout_s: float = 30) -> None:
         try:
             from . import virt
-            conn = virt.connect(timeout_s=30)
+            conn = virt.connect(timeout_s=timeout_s)
             self.dom = virt.lookup(conn, self.name)
+            log.info("connected to libvirt (%s)", virt.uri())
         except KairosError as exc:
             log.error("cannot publish live state: %s", exc)
             self.dom = None
+            self.reconnect_at = time.monotonic() + 2.0
 
     # -- one pass --------------------------------------------------------
     def step(self, pid: int, wanted: Dict[int, VcpuSched]) -> DomainState:
@@ -218,6 +222,8 @@ class Agent:
         if body == self.published:
             return
         st.updated = utcnow()
+        if self.dom is None and time.monotonic() >= self.reconnect_at:
+            self._connect(timeout_s=0)
         if self.dom is None:
             return
         from . import virt
@@ -225,7 +231,10 @@ class Agent:
             virt.set_state(self.dom, to_xml(st))
             self.published = body
         except KairosError as exc:
-            log.warning("%s", exc)
+            # libvirtd restarted (or is restarting): reconnect and republish.
+            log.warning("%s; will reconnect to libvirt", exc)
+            self.dom = None
+            self.reconnect_at = time.monotonic() + 1.0
 
 
 def _describe(s: VcpuSched) -> str:
@@ -250,30 +259,14 @@ def _lock_single(cfg: _config.HostConfig, name: str) -> Optional[int]:
     return fd
 
 
-def main(argv: Optional[list] = None) -> int:
-    ap = argparse.ArgumentParser(prog="kairosvm-agent",
-                                 description="Per-domain real-time agent (started by the hook).")
-    ap.add_argument("domain")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-    if not paths.valid_name(args.domain):
-        log.error("invalid domain name %r", args.domain)
-        return 2
-    try:
-        cfg = _config.load()
-        fd = _lock_single(cfg, args.domain)
-    except KairosError as exc:
-        log.error("%s", exc)
-        return 1
+def _worker(name: str, cfg: _config.HostConfig) -> int:
+    fd = _lock_single(cfg, name)
     if fd is None:
-        log.info("an agent for %s already runs; exiting", args.domain)
+        log.info("an agent for %s already runs; exiting", name)
         return 0
-    pidfile = paths.agent_pid_file(cfg, args.domain)
-    with open(pidfile + ".tmp", "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(pidfile + ".tmp", pidfile)
-    agent = Agent(args.domain, cfg)
+    pidfile = paths.agent_pid_file(cfg, name)
+    _write_pid(pidfile)
+    agent = Agent(name, cfg)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stop.set())
     try:
@@ -282,13 +275,97 @@ def main(argv: Optional[list] = None) -> int:
         log.error("%s", exc)
         return 1
     finally:
-        try:
-            with open(pidfile) as f:
-                if f.read().strip() == str(os.getpid()):
-                    os.unlink(pidfile)
-        except OSError:
-            pass
-        log.info("agent for %s stopped", args.domain)
+        _remove_pid(pidfile)
+        log.info("agent for %s stopped", name)
+
+
+def _write_pid(path: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(path + ".tmp", path)
+
+
+def _remove_pid(path: str) -> None:
+    try:
+        with open(path) as f:
+            if f.read().strip() == str(os.getpid()):
+                os.unlink(path)
+    except OSError:
+        pass
+
+
+RESTART_DELAY_S = 0.2
+MAX_RESTARTS_PER_MIN = 20
+
+
+def _supervise(name: str, cfg: _config.HostConfig) -> int:
+    """Keep one worker running while the domain runs: a killed agent is back in
+    well under a second, and the kernel keeps the reservation meanwhile."""
+    ensure_dir(paths.domain_dir(cfg, name))
+    lock = os.path.join(paths.domain_dir(cfg, name), "supervisor.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        log.info("a supervisor for %s already runs; exiting", name)
+        return 0
+    pidfile = paths.supervisor_pid_file(cfg, name)
+    _write_pid(pidfile)
+    stop = threading.Event()
+    child: Dict[str, Optional[subprocess.Popen]] = {"p": None}
+
+    def on_term(*_: object) -> None:
+        stop.set()
+        p = child["p"]
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    restarts: list = []
+    try:
+        while not stop.is_set():
+            child["p"] = subprocess.Popen([sys.executable, "-m", "kairos_libvirt.agent",
+                                           "--worker", name], close_fds=True)
+            rc = child["p"].wait()
+            if stop.is_set() or rc == 0:
+                return 0
+            if proc.qemu_pid(name) is None or \
+                    name not in Ledger(cfg).read()["domains"]:
+                return 0
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < 60] + [now]
+            if len(restarts) > MAX_RESTARTS_PER_MIN:
+                log.error("agent for %s died %d times in a minute; giving up (see this log; "
+                          "'kairosvm reconcile' starts it again)", name, len(restarts))
+                return 1
+            log.warning("agent for %s exited with %s; restarting", name, rc)
+            stop.wait(RESTART_DELAY_S)
+        return 0
+    finally:
+        _remove_pid(pidfile)
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(prog="kairosvm-agent",
+                                 description="Per-domain real-time agent (started by the hook).")
+    ap.add_argument("domain")
+    ap.add_argument("--worker", action="store_true",
+                    help="run the agent itself (default: supervise one that does)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    if not paths.valid_name(args.domain):
+        log.error("invalid domain name %r", args.domain)
+        return 2
+    try:
+        cfg = _config.load()
+        if args.worker:
+            return _worker(args.domain, cfg)
+        return _supervise(args.domain, cfg)
+    except KairosError as exc:
+        log.error("%s", exc)
+        return 1
 
 
 if __name__ == "__main__":

@@ -199,6 +199,14 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from .hook import reconcile_host
+    res = reconcile_host(_config.load())
+    print(f"dropped stale entries: {', '.join(res['dropped']) or 'none'}; "
+          f"agents started: {', '.join(res['agents_started']) or 'none'}")
+    return 0
+
+
 def cmd_install_hook(args: argparse.Namespace) -> int:
     from . import install
     changed = install.install(_config.load())
@@ -251,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ledger", help="host admission state")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ledger)
+
+    p = sub.add_parser("reconcile", help="drop stale ledger entries, restart missing agents")
+    p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("install-hook", help="install the libvirt QEMU hook and reload libvirtd")
     p.set_defaults(func=cmd_install_hook)

@@ -162,6 +162,28 @@ def release(cfg: _config.HostConfig, name: str) -> None:
     shutil.rmtree(paths.domain_dir(cfg, name), ignore_errors=True)
 
 
+def reconcile_host(cfg: _config.HostConfig) -> Dict[str, list]:
+    """Bring the host back to the ledger's truth (after crashes, kill -9, lost hooks):
+    drop entries whose QEMU is gone and undo their RT groups; start missing agents."""
+    from . import rtgroups
+    ledger = Ledger(cfg)
+    dropped, started_agents = [], []
+    with ledger.locked() as state:
+        before = dict(state["domains"])
+        dropped = ledger.reconcile(state)
+        for name in dropped:
+            rtgroups.release_domain(state, name, before[name])
+        running = [n for n, e in state["domains"].items() if e.get("state") == "running"]
+    for name in dropped:
+        stop_agent(cfg, name)
+        shutil.rmtree(paths.domain_dir(cfg, name), ignore_errors=True)
+    for name in running:
+        if agent_pid(cfg, name) is None and proc.qemu_pid(name) is not None:
+            spawn_agent(cfg, name)
+            started_agents.append(name)
+    return {"dropped": dropped, "agents_started": started_agents}
+
+
 # --------------------------------------------------------------------------
 # the agent process
 
@@ -214,26 +236,40 @@ def spawn_agent(cfg: _config.HostConfig, name: str) -> None:
     log.info("%s: agent started", name)
 
 
+def _is_agent(pid: int, name: str) -> bool:
+    """Never signal a stranger: a pid file may outlive its process and the pid be reused."""
+    argv = proc.cmdline(pid)
+    text = " ".join(argv)
+    return ("kairos_libvirt.agent" in text or "kairosvm-agent" in text) and name in argv
+
+
+def _read_pid(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 and proc.pid_alive(pid) else None
+
+
 def stop_agent(cfg: _config.HostConfig, name: str, timeout_s: float = AGENT_STOP_S) -> None:
-    pid = agent_pid(cfg, name)
-    if pid is None or pid <= 0:
-        return
-    if "kairos_libvirt.agent" not in " ".join(proc.cmdline(pid)) and \
-            "kairosvm-agent" not in " ".join(proc.cmdline(pid)):
-        return  # the pid file lies (reused pid): never signal a stranger
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+    """Stop the supervisor first (so it restarts nothing), then the agent."""
+    pids = [p for p in (_read_pid(paths.supervisor_pid_file(cfg, name)), agent_pid(cfg, name))
+            if p is not None and p > 0 and _is_agent(p, name)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not proc.pid_alive(pid):
-            return
+    while time.monotonic() < deadline and any(proc.pid_alive(p) for p in pids):
         time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    for pid in pids:
+        if proc.pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 # --------------------------------------------------------------------------

@@ -14,6 +14,10 @@ def agent_pid_file(cfg: HostConfig, name: str) -> str:
     return os.path.join(domain_dir(cfg, name), "agent.pid")
 
 
+def supervisor_pid_file(cfg: HostConfig, name: str) -> str:
+    return os.path.join(domain_dir(cfg, name), "supervisor.pid")
+
+
 def agent_lock_file(cfg: HostConfig, name: str) -> str:
     return os.path.join(domain_dir(cfg, name), "agent.lock")
 
