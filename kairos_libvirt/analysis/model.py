@@ -14,7 +14,7 @@ from fractions import Fraction
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import AnalysisError, UnitError
-from ..units import parse_time_ns
+from ..units import format_ns, parse_time_ns
 
 SCHEDULERS = ("edf", "fp")
 #: Linux SCHED_FIFO/SCHED_RR priorities (``sched_get_priority_min/max``).
@@ -61,11 +61,11 @@ class Task:
             if not _is_int(v) or v <= 0:
                 raise _bad(n, what.replace("_ns", ""), v, "use a whole number of nanoseconds > 0")
         if self.runtime_ns > self.deadline_ns:
-            raise _bad(n, "runtime", self.runtime_ns,
-                       f"runtime must be <= deadline ({self.deadline_ns} ns)")
+            raise _bad(n, "runtime", format_ns(self.runtime_ns),
+                       f"runtime must be <= deadline ({format_ns(self.deadline_ns)})")
         if self.deadline_ns > self.period_ns:
-            raise _bad(n, "deadline", self.deadline_ns,
-                       f"deadline must be >= runtime and <= period ({self.period_ns} ns)")
+            raise _bad(n, "deadline", format_ns(self.deadline_ns),
+                       f"deadline must be >= runtime and <= period ({format_ns(self.period_ns)})")
         if self.priority is not None and (not _is_int(self.priority)
                                           or not PRIORITY_MIN <= self.priority <= PRIORITY_MAX):
             raise _bad(n, "priority", self.priority,

@@ -90,7 +90,7 @@ def tasks_st(draw, scheduler: str = "edf", n_max: int = 4, distinct: bool = Fals
     for i in range(n):
         t = draw(st.sampled_from(PERIODS))
         d = draw(st.integers(1, t))
-        c = draw(st.integers(1, d))
+        c = draw(st.one_of(st.just(1), st.integers(1, d)))  # small C: more schedulable sets
         sched = draw(st.sampled_from(["edf", "fp"])) if mixed else scheduler
         prio = prios[i] if distinct else draw(st.integers(1, 5))
         out.append(Task(f"t{i}", c, t, d, priority=prio, scheduler=sched))
