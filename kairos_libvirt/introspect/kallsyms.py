@@ -88,6 +88,7 @@ MAX_CANDIDATES = 256               # "0\01\0...9\0" look-alikes examined before 
 MAX_TOKEN_TABLES = 4               # valid-looking token tables searched for the other tables
 MAX_MARKER_CANDIDATES = 64         # kallsyms_markers look-alikes checked per token table
 READ_BUDGET = 512 << 20            # bytes a memory recovery may ask the reader for
+MAX_HOLE = 16 << 20                # unreadable bytes in a row that end the scan of the image
 
 _DIGITS = b"".join(bytes([c]) + b"\0" for c in b"0123456789")
 _FORMAT = "kairos-ksyms/1"
@@ -108,6 +109,10 @@ class _Image:
     what = "memory"
 
     def get(self, addr: int, n: int) -> bytes:
+        raise NotImplementedError
+
+    def get_upto(self, addr: int, n: int) -> bytes:
+        """Between 1 and *n* bytes at *addr* (as many as are contiguous), or raise SymbolError."""
         raise NotImplementedError
 
     def find(self, pattern: bytes, start: int, end: int) -> Iterator[int]:
@@ -132,7 +137,7 @@ class _Image:
             if nul < 0:
                 if len(buf) > maxlen:
                     raise SymbolError(f"string at {pos:#x} longer than {maxlen} bytes")
-                buf += self.get(pos + len(buf), min(_PAGE, _MASK64 - pos - len(buf)) or 1)
+                buf += self.get_upto(pos + len(buf), _PAGE)
                 continue
             if nul > maxlen:
                 raise SymbolError(f"string at {pos:#x} longer than {maxlen} bytes")
@@ -155,6 +160,12 @@ class _BufferImage(_Image):
                 return bytes(b[addr - v:addr - v + n])
         raise SymbolError(f"{self.what} has no data at {addr:#x}+{n}")
 
+    def get_upto(self, addr: int, n: int) -> bytes:
+        for v, b in self.segments:
+            if v <= addr < v + len(b):
+                return bytes(b[addr - v:addr - v + n])
+        raise SymbolError(f"{self.what} has no data at {addr:#x}")
+
     def find(self, pattern: bytes, start: int, end: int) -> Iterator[int]:
         for v, b in self.segments:
             lo, hi = max(start, v), min(end, v + len(b))
@@ -173,9 +184,9 @@ class _ReaderImage(_Image):
     what = "guest memory"
     BLOCK = 256 << 10
 
-    def __init__(self, read: Reader, budget: int = READ_BUDGET) -> None:
+    def __init__(self, read: Reader, budget: Optional[int] = None) -> None:
         self.read = read
-        self.budget = budget
+        self.budget = READ_BUDGET if budget is None else budget
         self.spent = 0
         self.calls = 0
         self.blocks: Dict[int, Optional[bytes]] = {}   # None: read page by page
@@ -190,11 +201,14 @@ class _ReaderImage(_Image):
         data, _ = try_read(self.read, addr, n)
         return data
 
+    def _block(self, base: int) -> Optional[bytes]:
+        if base not in self.blocks:
+            self.blocks[base] = self._read(base, self.BLOCK) if 0 <= base <= _MASK64 - self.BLOCK else None
+        return self.blocks[base]
+
     def _page(self, addr: int) -> Optional[bytes]:
         base = addr & ~(self.BLOCK - 1)
-        if base not in self.blocks:
-            self.blocks[base] = self._read(base, self.BLOCK) if base <= _MASK64 - self.BLOCK else None
-        block = self.blocks[base]
+        block = self._block(base)
         if block is not None:
             off = (addr & ~(_PAGE - 1)) - base
             return block[off:off + _PAGE]
@@ -218,24 +232,67 @@ class _ReaderImage(_Image):
             pos += len(take)
         return bytes(out)
 
-    def find(self, pattern: bytes, start: int, end: int) -> Iterator[int]:
-        tail = b""
-        pos = start & ~(_PAGE - 1)
-        while pos < end:
-            page = self._page(pos)
-            if page is None:
-                tail = b""
-                pos += _PAGE
+    def get_upto(self, addr: int, n: int) -> bytes:
+        page = self._page(addr) if 0 <= addr <= _MASK64 else None
+        if page is None:
+            raise SymbolError(f"guest memory at {addr:#x} is not readable")
+        off = addr & (_PAGE - 1)
+        return page[off:off + n]
+
+    def _runs(self, base: int) -> List[Tuple[int, bytes]]:
+        """The readable stretches of the block at *base*.
+
+        A block that failed as a whole is read page by page only if it looks
+        like the edge of a mapped range (its first or last page, or a
+        neighbour block, is readable): deep inside a hole, or past the end of
+        the image, that would be 64 useless reads a block.  A mapped island
+        smaller than a block and touching neither of its ends is missed; the
+        kallsyms tables are hundreds of KiB.
+        """
+        block = self._block(base)
+        if block is not None:
+            return [(base, block)]
+        if self._page(base) is None and self._page(base + self.BLOCK - _PAGE) is None and \
+                self._block(base - self.BLOCK) is None and self._block(base + self.BLOCK) is None:
+            return []
+        runs: List[Tuple[int, bytes]] = []
+        for page in range(base, base + self.BLOCK, _PAGE):
+            data = self._page(page)
+            if data is None:
                 continue
-            data = tail + page
-            base = pos - len(tail)
-            i = data.find(pattern)
-            while i >= 0:
-                if start <= base + i < end:
-                    yield base + i
-                i = data.find(pattern, i + 1)
-            tail = data[-(len(pattern) - 1):] if len(pattern) > 1 else b""
-            pos += _PAGE
+            if runs and runs[-1][0] + len(runs[-1][1]) == page:
+                runs[-1] = (runs[-1][0], runs[-1][1] + data)
+            else:
+                runs.append((page, data))
+        return runs
+
+    def find(self, pattern: bytes, start: int, end: int) -> Iterator[int]:
+        """Occurrences of *pattern* in the readable parts of [start, end).
+
+        Stops after :data:`MAX_HOLE` bytes in a row that cannot be read: the
+        end of the kernel image (its own holes are smaller).
+        """
+        keep = len(pattern) - 1
+        tail, tail_end = b"", -1
+        pos = start & ~(self.BLOCK - 1)
+        hole = 0
+        while pos < end:
+            runs = self._runs(pos)
+            hole = 0 if runs else hole + self.BLOCK
+            if hole >= MAX_HOLE:
+                return
+            for at, data in runs:
+                if at != tail_end:
+                    tail = b""
+                buf = tail + data
+                base = at - len(tail)
+                i = buf.find(pattern)
+                while i >= 0:
+                    if start <= base + i < end:
+                        yield base + i
+                    i = buf.find(pattern, i + 1)
+                tail, tail_end = (buf[-keep:] if keep else b""), at + len(data)
+            pos += self.BLOCK
 
 
 # --------------------------------------------------------------------------
@@ -257,7 +314,7 @@ class KallsymsTables:
     relative_base: int
     layout: str      # "offsets-first" (<= 6.3) or "offsets-last" (>= 6.4) or "absolute"
     addressing: str  # "absolute-percpu", "relative" or "absolute"
-    seqs_of_names: bool
+    seqs_of_names: bool  # kallsyms_seqs_of_names sits between the markers and the token table
 
 
 def _expand(names_blob: bytes, start: int, count: int, tokens: Sequence[bytes],
@@ -344,22 +401,43 @@ def _token_tables(img: _Image, digits: int) -> Tuple[int, int, List[bytes], int]
     raise SymbolError(f"digits at {digits:#x} are not followed by a kallsyms_token_index")
 
 
-def _marker_candidates(img: _Image, token_table: int, lowest: int) -> Iterator[Tuple[int, int, List[int], int, int]]:
+def _readable_from(img: _Image, lo: int, hi: int) -> int:
+    """The lowest address a >= lo with [a, hi) readable, walking down page by page."""
+    a = hi
+    while a > lo:
+        p = max(lo, (a - 1) & ~(_PAGE - 1))
+        try:
+            img.get(p, a - p)
+        except SymbolError:
+            break
+        a = p
+    return a
+
+
+def _marker_candidates(img: _Image, token_table: int, lowest: int
+                       ) -> Iterator[Tuple[int, int, List[int], int, int]]:
     """(markers address, width, markers, N low, N high) candidates, nearest the token table first.
 
     Markers are 0, then strictly increasing sizes of 256 names each; after
     them comes either the token table (no seqs_of_names) or 3N bytes of
     seqs_of_names, then the token table, each 8-aligned.
     """
-    window = min(token_table - lowest, 3 * MAX_SYMS + 8 * (MAX_SYMS // 256) + 64)
+    floor = max(lowest, token_table - (3 * MAX_SYMS + 8 * (MAX_SYMS // 256) + 64))
+    run = 8 * (MAX_SYMS // 256 + 2)  # the longest markers array, in bytes
     step = 64 << 10
-    hi = token_table
-    while hi > token_table - window:
-        lo = max(token_table - window, hi - step) & ~7
+    hi = token_table & ~7
+    while hi > floor:
+        lo = max(floor, hi - step) & ~7
+        top = min(token_table, hi + run)
         try:
-            chunk = img.get(lo, token_table - lo)
+            chunk = img.get(lo, top - lo)
+            last = False
         except SymbolError:
-            return
+            lo = _align(_readable_from(img, lo, top), 8)
+            if lo >= hi:
+                return
+            chunk = img.get(lo, top - lo)
+            last = True
         for x in range(hi - 8, lo - 1, -8):
             off = x - lo
             for width in (4, 8):
@@ -375,46 +453,50 @@ def _marker_candidates(img: _Image, token_table: int, lowest: int) -> Iterator[T
                     markers.append(v)
                     p += width
                 for m in range(len(markers), 0, -1):
-                    after = _align(x + width * m, 8)
-                    gap = token_table - after
+                    gap = token_table - _align(x + width * m, 8)
                     nlo, nhi = 256 * (m - 1) + 1, 256 * m
-                    if gap < 0:
-                        continue
                     if gap == 0:
                         yield x, width, markers[:m], nlo, nhi
-                    else:
+                    elif gap > 0:
                         slo, shi = max(nlo, -(-(gap - 7) // 3)), min(nhi, gap // 3)
                         if slo <= shi:
                             yield x, width, markers[:m], slo, shi
+        if last:
+            return
         hi = lo
 
 
-def _find_names(img: _Image, markers_at: int, markers: List[int], nlo: int, nhi: int
+def _find_names(img: _Image, markers_at: int, markers: List[int], nlo: int, nhi: int, lowest: int
                 ) -> Optional[Tuple[int, int, bytes, int]]:
-    """(names start, num_syms, names bytes, names end) consistent with the markers, or None."""
+    """(names start, num_syms, names bytes, names end) consistent with the markers, or None.
+
+    ``num_syms`` (u32, then 4 bytes of padding or a zero high half) sits
+    right before the names; the names from the last marker on must end
+    where the markers begin (give or take the 8-byte alignment).
+    """
     last = markers[-1]
-    top = markers_at - last - 1
-    bottom = markers_at - last - 256 * MAX_ENTRY - 8
-    if top < 8:
+    top = (markers_at - last - 1) & ~7
+    lo = max(markers_at - last - 256 * MAX_ENTRY - 16, lowest)
+    lo = _align(lo, 8)
+    if top - 8 < lo:
         return None
-    bottom = max(bottom, 8)
-    lo = bottom & ~7
     try:
-        window = img.get(lo - 8, markers_at - (lo - 8))
+        window = img.get(lo, markers_at - lo)
     except SymbolError:
-        return None
-    base = lo - 8
-    for s in range(top & ~7, lo - 1, -8):
-        n, pad = struct.unpack_from("<II", window, s - 8 - base)
+        lo = _align(_readable_from(img, lo, markers_at), 8)
+        if top - 8 < lo:
+            return None
+        window = img.get(lo, markers_at - lo)
+    for s in range(top, lo + 7, -8):
+        n, pad = struct.unpack_from("<II", window, s - 8 - lo)
         if not (nlo <= n <= nhi and pad == 0):
             continue
-        tail = _tail_end(window, s - base + last, n - 256 * (len(markers) - 1))
-        if tail is None or not markers_at - 8 < base + tail <= markers_at:
+        tail = _tail_end(window, s - lo + last, n - 256 * (len(markers) - 1))
+        if tail is None or not markers_at - 8 < lo + tail <= markers_at:
             continue
-        if window[tail:markers_at - base].strip(b"\0"):
+        if window[tail:].strip(b"\0"):
             continue
-        blob = img.get(s, base + tail - s)
-        return s, n, blob, base + tail
+        return s, n, window[s - lo:tail], lo + tail
     return None
 
 
@@ -473,7 +555,7 @@ def _decode_at(img: _Image, tokens_found: Tuple[int, int, List[bytes], int], low
         tried += 1
         if tried > MAX_MARKER_CANDIDATES:
             break
-        found = _find_names(img, markers_at, markers, nlo, nhi)
+        found = _find_names(img, markers_at, markers, nlo, nhi, lowest)
         if found is not None:
             break
     if found is None:
