@@ -31,6 +31,7 @@ from .state import DomainState, VcpuState, to_xml, utcnow
 log = logging.getLogger("kairosvm-agent")
 
 POLL_S = 0.5
+INTRO_POLL_S = 0.05
 RECHECK_S = 2.0
 QEMU_WAIT_S = 30.0
 RETRY_S = 10
@@ -48,6 +49,11 @@ class Agent:
         self.published: Optional[str] = None
         self.dom = None
         self.reconnect_at = 0.0
+        self.intro = None            # introspect.runtime.Introspector, when declared
+        self.intro_status: Optional[dict] = None
+        self.adapted: Dict[int, object] = {}
+        self.last_publish = 0.0
+        self._published_shape: Optional[str] = None
 
     # -- lifecycle -------------------------------------------------------
     def run(self) -> int:
@@ -67,23 +73,83 @@ class Agent:
                 log.info("ledger entry of %s released meanwhile; exiting", self.name)
                 return 0
         self._connect()
+        intro_cfg = entry.get("introspection") or {}
+        if intro_cfg.get("backend", "off") != "off":
+            self._start_introspection(entry, pid)
+        poll = INTRO_POLL_S if self.intro is not None else POLL_S
         last_check = 0.0
-        while not self.stop.is_set():
-            cur = proc.qemu_pid(self.name)
-            if cur is None or cur != pid:
-                log.info("QEMU %s of %s is gone; exiting", pid, self.name)
-                break
-            now = time.monotonic()
-            if now - last_check >= RECHECK_S:
-                last_check = now
-                entry = self.ledger.read()["domains"].get(self.name)
-                if entry is None:
-                    log.info("ledger entry of %s released; exiting", self.name)
+        try:
+            while not self.stop.is_set():
+                cur = proc.qemu_pid(self.name)
+                if cur is None or cur != pid:
+                    log.info("QEMU %s of %s is gone; exiting", pid, self.name)
                     break
-                wanted = {int(k): sched_from_json(v) for k, v in entry["granted"].items()}
-                self.step(pid, wanted)
-            self.stop.wait(POLL_S)
+                now = time.monotonic()
+                regrant = self.intro is not None and self._adapt()
+                if regrant or now - last_check >= RECHECK_S:
+                    last_check = now
+                    entry = self.ledger.read()["domains"].get(self.name)
+                    if entry is None:
+                        log.info("ledger entry of %s released; exiting", self.name)
+                        break
+                    wanted = {int(k): sched_from_json(v) for k, v in entry["granted"].items()}
+                    self.step(pid, wanted)
+                self.stop.wait(poll)
+        finally:
+            if self.intro is not None:
+                self.intro.stop()
         return 0
+
+    # -- introspection ---------------------------------------------------
+    def _start_introspection(self, entry: dict, pid: int) -> None:
+        from fractions import Fraction
+        from .introspect import backends
+        from .introspect.runtime import Introspector
+        intro_cfg = entry["introspection"]
+        declared = {int(k): sched_from_json(v) for k, v in entry["vcpus"].items()}
+        ceilings = {int(k): Fraction(v) for k, v in intro_cfg.get("ceilings", {}).items()}
+        try:
+            backend, note = backends.make(intro_cfg["backend"], self.name, self.dom, pid,
+                                          paths.domain_dir(self.cfg, self.name))
+        except KairosError as exc:
+            log.error("introspection unavailable: %s; the declared reservation stays", exc)
+            self.intro_status = {"backend": intro_cfg["backend"], "state": "failed",
+                                 "error": str(exc), "notes": []}
+            return
+        self.intro = Introspector(backend, backends.symbol_loader(intro_cfg.get("kernel")),
+                                  declared, ceilings)
+        if note:
+            self.intro.status.notes.append(note)
+            log.warning("%s", note)
+        self.intro.start()
+
+    def _adapt(self) -> bool:
+        """Resize grants to what the analysis wants; True when the ledger changed."""
+        from .errors import AdmissionError
+        from .ledger import sched_to_json
+        self.intro.tick()
+        adapted = self.intro.adapted()
+        self.adapted = adapted
+        changed = False
+        with self.ledger.locked() as state:
+            e = state["domains"].get(self.name)
+            if e is None:
+                return False
+            for vid, a in adapted.items():
+                want = sched_to_json(a.sched)
+                if e["granted"].get(str(vid)) == want:
+                    continue
+                try:
+                    self.ledger.regrant(state, self.name, vid, a.sched)
+                    changed = True
+                    log.info("vCPU %d: %s reservation %s%s", vid, a.source, _describe(a.sched),
+                             f" ({a.note})" if a.note else "")
+                except AdmissionError as exc:
+                    self.errors.pop(vid, None)
+                    self.adapted[vid] = type(a)(a.vcpu, a.sched, a.source, a.budget_ns,
+                                                a.period_ns, a.deadline_ns, True,
+                                                f"capped by host capacity: {exc}", a.tasks)
+        return changed
 
     def _wait_qemu(self) -> Optional[int]:
         deadline = time.monotonic() + QEMU_WAIT_S
@@ -146,10 +212,26 @@ class Agent:
             if want.policy in ("fifo", "rr") and vs.error is None:
                 self._read_rt_group(pid, tid, vs)
             vs.error = vs.error or self.errors.get(vid)
+            a = self.adapted.get(vid)
+            if a is not None:
+                vs.source = a.source
+                vs.note = a.note or None
+                if a.budget_ns:
+                    vs.interface = (a.budget_ns, a.period_ns, a.deadline_ns)
             if vs.error is None and not enforce.matches(k, want):
                 vs.error = "kernel state differs from the reservation (changed by someone else?)"
                 log.warning("vCPU %d (tid %d): kernel has %s; will re-enforce", vid, tid, k)
             st.vcpus.append(vs)
+        if self.intro is not None:
+            i, c = self.intro.status, self.intro.backend.counters
+            st.introspection = {"backend": i.backend, "state": i.state, "error": i.error,
+                                "notes": list(i.notes), "slide": i.slide, "hits": c.hits,
+                                "decoded": c.decoded, "rejected": c.rejected,
+                                "suppressed": c.suppressed, "handler_ns": c.handler_ns,
+                                "evicted": self.intro.model.evicted}
+            st.tasks = self.intro.tasks_snapshot()
+        elif self.intro_status is not None:
+            st.introspection = dict(self.intro_status)
         self._publish(st)
         return st
 
@@ -221,6 +303,11 @@ class Agent:
         body = to_xml(st)
         if body == self.published:
             return
+        # Counters alone change at every trap: publish those at most every 2 s.
+        shape = to_xml(_without_counters(st))
+        if self.published is not None and shape == self._published_shape and \
+                time.monotonic() - self.last_publish < RECHECK_S:
+            return
         st.updated = utcnow()
         if self.dom is None and time.monotonic() >= self.reconnect_at:
             self._connect(timeout_s=0)
@@ -230,11 +317,25 @@ class Agent:
         try:
             virt.set_state(self.dom, to_xml(st))
             self.published = body
+            self._published_shape = shape
+            self.last_publish = time.monotonic()
         except KairosError as exc:
             # libvirtd restarted (or is restarting): reconnect and republish.
             log.warning("%s; will reconnect to libvirt", exc)
             self.dom = None
             self.reconnect_at = time.monotonic() + 1.0
+
+
+def _without_counters(st: DomainState) -> DomainState:
+    import dataclasses
+    from .state import INTRO_COUNTERS
+    intro = None
+    if st.introspection is not None:
+        intro = {k: v for k, v in st.introspection.items() if k not in INTRO_COUNTERS}
+    tasks = [{k: v for k, v in t.items() if k not in ("samples", "jitter_ns",
+                                                         "observed_period_ns")}
+             for t in st.tasks]
+    return dataclasses.replace(st, introspection=intro, tasks=tasks)
 
 
 def _describe(s: VcpuSched) -> str:

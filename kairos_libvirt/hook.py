@@ -105,7 +105,12 @@ def prepare(cfg: _config.HostConfig, name: str, xml: bytes) -> None:
             mount = cgroup.cpu_v1_mount()
             assert mount is not None  # host_checks refused otherwise
             rtgroups.check_headroom(state, os.path.join(mount, "machine"), rt)
-        ledger.admit(state, name, info.uuid, scheds)
+        entry = ledger.admit(state, name, info.uuid, scheds)
+        intro = info.declaration.introspection
+        entry["introspection"] = {
+            "backend": intro.backend,
+            "ceilings": {str(v): str(info.declaration.ceiling_for(s)) for v, s in scheds.items()},
+            "kernel": info.kernel}
         ensure_dir(paths.domain_dir(cfg, name))
     log.info("%s: admitted %s", name, ", ".join(
         f"vCPU {v} {s.policy} {format_ns(s.runtime_ns)}/{format_ns(s.period_ns)}"

@@ -75,3 +75,5 @@ class DomainInfo:
     pinned: Mapping[int, str] = field(default_factory=dict)
     #: vCPU ids that libvirt's own <cputune><vcpusched> already schedules.
     libvirt_vcpusched: frozenset = frozenset()
+    #: <os><kernel> of a direct-kernel-boot domain (guest symbols come from it).
+    kernel: Optional[str] = None

@@ -335,7 +335,8 @@ def parse_domain(data: bytes, declaration: bool = True) -> DomainInfo:
     decl = parse_element(el) if el is not None else None
     info = DomainInfo(name=name, uuid=(root.findtext("uuid") or "").strip(),
                       domain_type=root.get("type", ""), vcpus_max=vmax, vcpus_current=vcur,
-                      declaration=decl, pinned=pinned, libvirt_vcpusched=frozenset(vsched))
+                      declaration=decl, pinned=pinned, libvirt_vcpusched=frozenset(vsched),
+                      kernel=(root.findtext("os/kernel") or "").strip() or None)
     if decl is not None:
         check_against_domain(decl, info)
     return info

@@ -1,0 +1,73 @@
+"""Choosing and building an introspection backend for a domain.
+
+``kvm-ud`` needs the patched KVM (kmod/); without it the agent falls back to
+``gdbstub`` and says so in the live metadata.  The gdbstub server is opened
+and closed through libvirt's monitor passthrough (the domain is then tainted
+``custom-monitor`` in libvirt's log: that is how libvirt marks it).
+"""
+from __future__ import annotations
+
+import os
+import stat
+from typing import Callable, Optional, Tuple
+
+from ..errors import KairosError, LibvirtError
+
+
+def _hmp(dom, command: str) -> str:
+    import libvirt
+    import libvirt_qemu
+    try:
+        return libvirt_qemu.qemuMonitorCommand(
+            dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    except libvirt.libvirtError as exc:
+        raise LibvirtError(f"QEMU monitor command {command.split()[0]!r}", exc) from None
+
+
+def make(kind: str, name: str, dom, qemu_pid: int, domain_dir: str) -> Tuple[object, Optional[str]]:
+    """Return (backend, note); the note says why another backend than asked was used."""
+    note = None
+    if kind == "kvm-ud":
+        from . import kvmud_backend
+        if kvmud_backend.available():
+            return kvmud_backend.make(name, qemu_pid), None
+        note = ("backend kvm-ud requested but the patched KVM (kmod/) is not loaded: "
+                "falling back to gdbstub")
+        kind = "gdbstub"
+    if kind != "gdbstub":
+        raise KairosError(f"unknown introspection backend {kind!r}")
+    if dom is None:
+        raise KairosError("the gdbstub backend needs a libvirt connection, and there is none")
+    from .gdbstub import GdbstubBackend
+
+    def open_server(path: str) -> None:
+        out = _hmp(dom, f"gdbserver unix:{path},server=on,wait=off")
+        if "error" in out.lower() or "could not" in out.lower():
+            raise KairosError(f"QEMU refused to open its gdbstub: {out.strip()}")
+
+    def close_server() -> None:
+        _hmp(dom, "gdbserver none")
+
+    return GdbstubBackend(open_server, close_server, os.path.join(domain_dir, "gdb")), note
+
+
+def trusted_file(path: str) -> bool:
+    """Only read files root owns and nobody else can change (a guest image may not be)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
+
+
+def symbol_loader(kernel: Optional[str]) -> Callable[[Callable[[int, int], bytes]], object]:
+    """Symbols from the domain's vmlinuz when it has a trusted one, else from guest memory."""
+    def load(read: Callable[[int, int], bytes]):
+        from . import kallsyms
+        if kernel and trusted_file(kernel):
+            try:
+                return kallsyms.load_vmlinuz(kernel)
+            except KairosError:
+                pass  # not a kernel we can parse: guest memory is the other source
+        return kallsyms.load_from_memory(read)
+    return load

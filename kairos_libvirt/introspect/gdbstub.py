@@ -1,0 +1,214 @@
+"""Backend ``gdbstub``: traps through QEMU's gdbstub, for stock kernels.
+
+The agent opens QEMU's gdbstub on a root-only unix socket through libvirt
+(HMP ``gdbserver``), speaks the remote protocol itself (:mod:`.rsp`), plants
+breakpoints at the trap sites and handles each hit while the VM is stopped:
+read the registers, decode (guest memory through the stopped vCPU's page
+tables), then resume at site + 5 so the fentry NOP is skipped without a
+single-step: one VM stop per hit instead of two (DESIGN.md §2).
+
+Every hit stops the whole VM for milliseconds under TCG, so hits are a
+budget: a token bucket per site disarms a site that fires too often for a
+cool-down, and the runtime disarms ``clock_nanosleep`` once periods are learnt.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Set
+
+from ..errors import KairosError
+from .plan import Hit, ResolvedPlan
+from .rsp.client import RspClient
+from .rsp.errors import RspError, RspTimeout
+
+log = logging.getLogger("kairosvm-agent.gdbstub")
+
+SOCKET_NAME = "gdb.sock"
+
+
+@dataclass
+class Bucket:
+    """Token bucket: ``rate`` hits/s sustained, ``burst`` at once."""
+
+    rate: float
+    burst: float
+    tokens: float = 0.0
+    stamp: float = 0.0
+
+    def take(self, now: float) -> bool:
+        if self.stamp == 0.0:
+            self.tokens, self.stamp = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+@dataclass
+class Counters:
+    hits: int = 0
+    decoded: int = 0
+    rejected: int = 0
+    suppressed: int = 0          # times a site was disarmed by its rate limit
+    handler_ns: int = 0          # time the VM spent stopped in our handler
+    last_error: Optional[str] = None
+    per_kind: Dict[str, int] = field(default_factory=dict)
+
+
+class GdbstubBackend:
+    """Owns the RSP connection; runs its loop in a thread of the agent."""
+
+    name = "gdbstub"
+
+    def __init__(self, open_server: Callable[[str], None], close_server: Callable[[], None],
+                 sock_dir: str, rate: float = 200.0, burst: float = 100.0,
+                 cooldown_s: float = 2.0) -> None:
+        self._open_server, self._close_server = open_server, close_server
+        self.sock_dir = sock_dir
+        self.client: Optional[RspClient] = None
+        self.plan = ResolvedPlan()
+        self.armed: Set[int] = set()
+        self.rate, self.burst, self.cooldown_s = rate, burst, cooldown_s
+        self.buckets: Dict[int, Bucket] = {}
+        self.cooling: Dict[int, float] = {}
+        self.control: "queue.Queue[Callable[[], None]]" = queue.Queue()
+        self.counters = Counters()
+
+    # -- connection ------------------------------------------------------
+    def open(self) -> RspClient:
+        """Open QEMU's gdbstub on a root-only socket and attach (the VM pauses)."""
+        os.makedirs(self.sock_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.sock_dir, 0o700)
+        path = os.path.join(self.sock_dir, SOCKET_NAME)
+        if os.path.exists(path):
+            os.unlink(path)
+        self._open_server(path)
+        deadline = time.monotonic() + 5
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise KairosError(f"QEMU did not create its gdbstub socket {path}")
+            time.sleep(0.01)
+        os.chmod(path, 0o600)
+        self.client = RspClient.connect_unix(path, timeout=5.0)
+        return self.client
+
+    def read(self, addr: int, n: int) -> bytes:
+        """Guest-virtual read through the stopped vCPU's page tables."""
+        assert self.client is not None
+        return self.client.read_memory(addr, n)
+
+    def close(self) -> None:
+        """Remove every breakpoint, resume the VM, close the server and its socket."""
+        c, self.client = self.client, None
+        if c is not None:
+            try:
+                if c.state.name == "RUNNING":
+                    c.interrupt(timeout=2.0)
+                for addr in list(self.armed):
+                    c.remove_breakpoint(addr)
+                self.armed.clear()
+                c.detach()
+            except RspError as exc:
+                log.warning("gdbstub: detach: %s", exc)
+            finally:
+                c.close()
+        try:
+            self._close_server()
+        except KairosError as exc:
+            log.warning("gdbstub: closing the server: %s", exc)
+        try:
+            os.unlink(os.path.join(self.sock_dir, SOCKET_NAME))
+        except FileNotFoundError:
+            pass
+
+    # -- arming (VM stopped) ---------------------------------------------
+    def arm(self, addr: int) -> None:
+        assert self.client is not None
+        if addr not in self.armed:
+            self.client.insert_breakpoint(addr)
+            self.armed.add(addr)
+
+    def disarm(self, addr: int) -> None:
+        assert self.client is not None
+        if addr in self.armed:
+            self.client.remove_breakpoint(addr)
+            self.armed.discard(addr)
+
+    def request(self, op: Callable[[], None]) -> None:
+        """Run ``op`` in the backend thread while the VM is stopped."""
+        self.control.put(op)
+
+    # -- the loop ----------------------------------------------------------
+    def run(self, on_hit: Callable[[Hit, Callable[[int, int], bytes]], None],
+            stop: threading.Event) -> None:
+        """Resume the VM and serve hits until ``stop`` is set (VM left stopped)."""
+        c = self.client
+        assert c is not None
+        c.cont()
+        while not stop.is_set():
+            try:
+                reply = c.wait_stop(timeout=0.2)
+            except RspTimeout:
+                self._idle(c)
+                continue
+            if not reply.stopped:
+                raise KairosError(f"QEMU's gdbstub reports the VM {reply.kind}")
+            t0 = time.monotonic_ns()
+            self._handle(c, reply, on_hit)
+            self._run_control()
+            self.counters.handler_ns += time.monotonic_ns() - t0
+            if not stop.is_set():
+                c.cont()
+        if c.state.name == "RUNNING":
+            c.interrupt(timeout=2.0)
+
+    def _idle(self, c: RspClient) -> None:
+        now = time.monotonic()
+        due = [a for a, t in self.cooling.items() if t <= now]
+        if self.control.empty() and not due:
+            return
+        c.interrupt(timeout=2.0)
+        for a in due:
+            del self.cooling[a]
+            if a in self.plan.sites:
+                self.arm(a)
+        self._run_control()
+        c.cont()
+
+    def _run_control(self) -> None:
+        while True:
+            try:
+                op = self.control.get_nowait()
+            except queue.Empty:
+                return
+            op()
+
+    def _handle(self, c: RspClient, reply, on_hit) -> None:
+        regs = c.read_registers()
+        rip = regs.get("rip", 0)
+        kind = self.plan.kind_at(rip)
+        if kind is None:
+            return  # an interrupt or someone else's stop: nothing of ours
+        vcpu = (reply.thread.tid - 1) if reply.thread and reply.thread.tid > 0 else 0
+        self.counters.hits += 1
+        self.counters.per_kind[kind] = self.counters.per_kind.get(kind, 0) + 1
+        try:
+            on_hit(Hit(kind, vcpu, regs, time.monotonic_ns()), self.read)
+        finally:
+            # Skip the 5-byte fentry NOP: resume after it, no single-step.
+            c.set_register("rip", rip + 5)
+            now = time.monotonic()
+            bucket = self.buckets.setdefault(rip, Bucket(self.rate, self.burst))
+            if not bucket.take(now):
+                self.disarm(rip)
+                self.cooling[rip] = now + self.cooldown_s
+                self.counters.suppressed += 1
+                log.warning("trap %s fires faster than %.0f/s: disarmed for %.1fs",
+                            kind, self.rate, self.cooldown_s)

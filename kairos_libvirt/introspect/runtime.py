@@ -1,0 +1,238 @@
+"""The agent's introspection: attach a backend, learn the guest's RT tasks, adapt.
+
+Runs in a thread of the agent.  Order at attach (VM paused by the gdbstub):
+symbols (from the domain's vmlinuz, else from guest memory; cached per
+build) → KASLR slide from guest memory → trap plan (each site's fentry NOP
+verified) → task_struct layout (for TID/comm; optional) → arm → run.
+Any failure before running is reported in the live metadata and the log,
+the backend is detached, and the domain keeps its declared reservation.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Callable, Dict, List, Mapping, Optional
+
+from ..errors import KairosError
+from ..model import VcpuSched
+from . import adapt as _adapt
+from .decode import DecodeError
+from .plan import Hit, ResolvedPlan, decode_hit, resolve_plan
+from .tasks import TaskModel
+
+log = logging.getLogger("kairosvm-agent.introspect")
+
+#: Re-run the analysis at most this often, and only after the model was quiet
+#: for DEBOUNCE_S (a burst of events gives one re-enforcement).
+DEBOUNCE_S = 0.2
+MAX_DELAY_S = 1.0
+#: clock_nanosleep is re-armed this often for a sampling window once periods
+#: are learnt (a period change is noticed within RESAMPLE_EVERY_S).
+RESAMPLE_EVERY_S = 10.0
+RESAMPLE_FOR_S = 1.0
+ATTACH_TIMEOUT_S = 120.0
+ATTACH_RETRY_S = 2.0
+LAYOUT_RETRY_S = 5.0
+
+
+@dataclass
+class Status:
+    backend: str
+    state: str = "starting"          # starting | running | failed | stopped
+    error: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+    slide: Optional[int] = None
+    sites: Dict[str, int] = field(default_factory=dict)
+
+
+class Introspector:
+    def __init__(self, backend, load_symbols: Callable[[Callable[[int, int], bytes]], object],
+                 declared: Mapping[int, VcpuSched], ceilings: Mapping[int, Fraction],
+                 overhead_ns: int = _adapt.DEFAULT_OVERHEAD_NS) -> None:
+        self.backend = backend
+        self.load_symbols = load_symbols
+        self.declared = dict(declared)
+        self.ceilings = dict(ceilings)
+        self.overhead_ns = overhead_ns
+        self.model = TaskModel()
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.status = Status(backend.name)
+        self.thread: Optional[threading.Thread] = None
+        self.layout = None
+        self.rsyms = None
+        self._analysed_version = -1
+        self._adapted: Dict[int, _adapt.Adapted] = {}
+        self._dirty_since: Optional[float] = None
+        self._last_change = 0.0
+        self._sleep_sites: List[int] = []
+        self._sleep_armed = True
+        self._resample_at = 0.0
+        self._layout_at = 0.0
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._main, name="kairos-introspect", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    def _main(self) -> None:
+        # The agent starts while the guest is still in its firmware or early
+        # boot: until the kernel is up there is no banner to find.  Retry,
+        # detached (the VM runs) between attempts.
+        deadline = time.monotonic() + ATTACH_TIMEOUT_S
+        while True:
+            try:
+                self._attach()
+                break
+            except KairosError as exc:
+                self._safe_close()
+                self.status.error = str(exc)
+                if time.monotonic() >= deadline or self.stop_event.is_set():
+                    self.status.state = "failed"
+                    log.error("introspection (%s) unavailable: %s; the declared reservation "
+                              "stays", self.backend.name, exc)
+                    return
+                self.status.state = "waiting"
+                log.info("introspection (%s) not ready (%s); retrying", self.backend.name, exc)
+                self._reset()
+                if self.stop_event.wait(ATTACH_RETRY_S):
+                    return
+        self.status.state = "running"
+        self.status.error = None
+        log.info("introspection (%s) running: %s", self.backend.name,
+                 ", ".join(f"{k}@{a:#x}" for k, a in self.status.sites.items()))
+        try:
+            self.backend.run(self._on_hit, self.stop_event)
+        except KairosError as exc:
+            self.status.state, self.status.error = "failed", str(exc)
+            log.error("introspection (%s) stopped: %s", self.backend.name, exc)
+        finally:
+            self._safe_close()
+            if self.status.state == "running":
+                self.status.state = "stopped"
+
+    def _reset(self) -> None:
+        self.status.sites.clear()
+        self.status.notes = [n for n in self.status.notes if "falling back" in n]
+        self._sleep_sites.clear()
+        self.layout = None
+
+    def _safe_close(self) -> None:
+        try:
+            self.backend.close()
+        except KairosError as exc:
+            log.warning("closing the %s backend: %s", self.backend.name, exc)
+
+    def _attach(self) -> None:
+        from . import layout as _layout
+        from .symbols import fentry_site
+        self.backend.open()
+        read = self.backend.read
+        syms = self.load_symbols(read)
+        slide = syms.find_slide(read)
+        self.status.slide = slide
+        rsyms = syms.runtime(slide)
+        self.rsyms = rsyms
+        plan: ResolvedPlan = resolve_plan(rsyms.resolve, lambda a: fentry_site(read, a))
+        self.backend.plan = plan
+        self.status.notes.extend(plan.skipped)
+        for addr, site in plan.sites.items():
+            self.status.sites[site.kind] = addr
+            if site.kind in ("clock_nanosleep", "nanosleep"):
+                self._sleep_sites.append(addr)
+            self.backend.arm(addr)
+        self._discover_layout(read)
+
+    def _discover_layout(self, read: Callable[[int, int], bytes]) -> None:
+        """task_struct offsets need init and kthreadd to exist: retry until they do."""
+        from . import layout as _layout
+        self._layout_at = time.monotonic() + LAYOUT_RETRY_S
+        self.status.notes = [n for n in self.status.notes if not n.startswith("task ids")]
+        try:
+            self.layout = _layout.discover_layout(read, self.rsyms)
+        except KairosError as exc:
+            self.status.notes.append(f"task ids unavailable (retrying): {exc}")
+
+    # -- events (backend thread, VM stopped) ------------------------------
+    def _on_hit(self, hit: Hit, read: Callable[[int, int], bytes]) -> None:
+        if self.layout is None and time.monotonic() >= self._layout_at:
+            self._discover_layout(read)
+        if self.layout is not None and "gs_base" in hit.regs:
+            try:
+                from . import layout as _layout
+                task = _layout.current_task(read, hit.regs["gs_base"], self.rsyms)
+                tid, _tgid, comm = _layout.task_ident(read, task, self.layout)
+                hit = Hit(hit.kind, hit.vcpu, hit.regs, hit.time_ns, tid, comm)
+            except KairosError:
+                pass  # identity is a nicety; the pt_regs key still identifies the task
+        try:
+            ev = decode_hit(hit, read)
+        except DecodeError as exc:
+            self.backend.counters.rejected += 1
+            self.backend.counters.last_error = str(exc)
+            return
+        self.backend.counters.decoded += 1
+        with self.lock:
+            if self.model.apply(ev):
+                now = time.monotonic()
+                self._last_change = now
+                if self._dirty_since is None:
+                    self._dirty_since = now
+        self._sampling_policy()
+
+    def _sampling_policy(self) -> None:
+        """Learn periods, then stop paying for clock_nanosleep traps (re-sample now and then)."""
+        now = time.monotonic()
+        if self._sleep_armed and self.model.stable() and self.model.rt_tasks():
+            for a in self._sleep_sites:
+                self.backend.disarm(a)
+            self._sleep_armed = False
+            self._resample_at = now + RESAMPLE_EVERY_S
+        elif not self._sleep_armed and now >= self._resample_at:
+            self._rearm_sleep(now)
+
+    def _rearm_sleep(self, now: float) -> None:
+        for a in self._sleep_sites:
+            self.backend.arm(a)
+        self._sleep_armed = True
+        for t in self.model.rt_tasks():
+            t.periods.count = min(t.periods.count, 16 - 4)  # a few fresh samples
+        self._resample_at = now + RESAMPLE_FOR_S
+
+    def tick(self) -> None:
+        """Called by the agent's loop: re-arm sampling when due (through the backend)."""
+        if self.status.state == "running" and not self._sleep_armed and \
+                time.monotonic() >= self._resample_at:
+            self.backend.request(lambda: self._rearm_sleep(time.monotonic()))
+            self._resample_at = time.monotonic() + RESAMPLE_EVERY_S
+
+    # -- the agent asks ---------------------------------------------------
+    def adapted(self) -> Dict[int, _adapt.Adapted]:
+        """Current per-vCPU reservations (debounced re-analysis when the model changed)."""
+        now = time.monotonic()
+        with self.lock:
+            due = self._dirty_since is not None and (
+                now - self._last_change >= DEBOUNCE_S or now - self._dirty_since >= MAX_DELAY_S)
+            if self._analysed_version == -1 or due:
+                self._adapted = _adapt.adapt(self.model, self.declared, self.ceilings,
+                                             self.overhead_ns)
+                self._analysed_version = self.model.version
+                self._dirty_since = None
+            return dict(self._adapted)
+
+    def tasks_snapshot(self) -> list:
+        with self.lock:
+            return [dict(key=t.key, tid=t.tid, comm=t.comm, vcpu=t.vcpu, policy=t.policy,
+                         priority=t.priority, runtime_ns=t.runtime_ns,
+                         deadline_ns=t.deadline_ns, period_ns=t.period_ns,
+                         observed_period_ns=t.observed_period_ns,
+                         jitter_ns=t.periods.jitter_ns, samples=t.periods.count)
+                    for t in sorted(self.model.rt_tasks(), key=lambda x: x.key)]
