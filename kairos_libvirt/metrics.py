@@ -99,9 +99,8 @@ class VcpuSample:
     dl_runtime_ns: Optional[int] = None
     #: Throttle count, where the kernel exposes one (not every kernel does).
     nr_throttled: Optional[int] = None
-    #: From the live state, once introspection publishes them.
+    #: Guest tasks introspection found on this vCPU (None: introspection off).
     guest_tasks: Optional[int] = None
-    events: Optional[int] = None
     error: Optional[str] = None
 
     @property
@@ -143,11 +142,15 @@ class DomainSample:
     vcpus: List[VcpuSample] = field(default_factory=list)
     #: Why part of the picture is missing (invalid declaration, libvirt gone...).
     error: Optional[str] = None
+    #: The live state's introspection: backend, state, error and the counters
+    #: hits, decoded, rejected, suppressed, handler_ns, evicted (state.py).
+    introspection: Optional[dict] = None
 
     @property
-    def events(self) -> Optional[int]:
-        known = [v.events for v in self.vcpus if v.events is not None]
-        return sum(known) if known else None
+    def trap_events(self) -> Optional[int]:
+        """Trap events (breakpoint or #UD hits) since introspection attached."""
+        i = self.introspection
+        return i.get("hits") if i else None
 
 
 @dataclass
@@ -161,30 +164,26 @@ class HostSample:
     libvirt_error: Optional[str] = None
 
 
-def live_extras(xml: Optional[str]) -> Dict[int, Tuple[Optional[int], Optional[int]]]:
-    """vCPU -> (guest tasks, trap events) from the agent's live state, where present.
+def published(xml: Optional[str]) -> Tuple[Dict[int, int], Optional[dict], Dict[int, str]]:
+    """From the agent's live state: (guest tasks per vCPU, introspection, errors per vCPU).
 
-    Introspection is to publish these (docs/live-metadata.md): a ``<task>``
-    child per guest task found on the vCPU (or a ``guest-tasks`` count) and an
-    ``events`` counter attribute.  Absent = unknown (None), never 0.
+    Tasks and counters exist only while introspection is on (an
+    ``<introspection>`` element): without it the task counts are empty, which
+    the callers show as unknown ("-"), never as 0.
     """
     if not xml:
-        return {}
-    from lxml import etree
-    root = etree.fromstring(xml.encode(), etree.XMLParser(resolve_entities=False,
-                                                          no_network=True))
-    out: Dict[int, Tuple[Optional[int], Optional[int]]] = {}
-    for el in root:
-        if not isinstance(el.tag, str) or etree.QName(el).localname != "vcpu":
-            continue
-        vid = _int(el.get("id"))
-        if vid is None:
-            continue
-        tasks = [c for c in el if isinstance(c.tag, str)
-                 and etree.QName(c).localname in ("task", "guest-task")]
-        n_tasks = len(tasks) if tasks else _int(el.get("guest-tasks"))
-        out[vid] = (n_tasks, _int(el.get("events")))
-    return out
+        return {}, None, {}
+    from .state import from_xml
+    st = from_xml(xml)
+    errors = {v.vcpu: v.error for v in st.vcpus if v.error}
+    if st.introspection is None:
+        return {}, None, errors
+    tasks = {v.vcpu: 0 for v in st.vcpus}
+    for t in st.tasks:
+        vcpu = t.get("vcpu")
+        if isinstance(vcpu, int):
+            tasks[vcpu] = tasks.get(vcpu, 0) + 1
+    return tasks, dict(st.introspection), errors
 
 
 def _int(text: Optional[str]) -> Optional[int]:
@@ -226,8 +225,7 @@ def sample_domain(cfg, name: str, conn, entry: Optional[dict]) -> DomainSample:
     d.running, d.qemu_pid = doc["running"], doc["qemu_pid"]
     d.agent_pid, d.agent_running = doc["agent"]["pid"], doc["agent"]["running"]
     granted = (entry or {}).get("granted", {})
-    extras = live_extras(state_xml)
-    errors = _live_errors(state_xml)
+    tasks, d.introspection, errors = published(state_xml)
     for row in doc["vcpus"]:
         v = VcpuSample(vcpu=row["vcpu"], tid=row["tid"], declared=row["declared"],
                        reserved=granted.get(str(row["vcpu"])), policy=row["policy"],
@@ -238,17 +236,10 @@ def sample_domain(cfg, name: str, conn, entry: Optional[dict]) -> DomainSample:
             v.rt_group = (g["runtime_us"], g["period_us"])
         if v.tid and d.qemu_pid:
             v.exec_ns, v.dl_runtime_ns, v.nr_throttled = sched_stats(d.qemu_pid, v.tid)
-        v.guest_tasks, v.events = extras.get(v.vcpu, (None, None))
+        v.guest_tasks = tasks.get(v.vcpu)
         v.error = errors.get(v.vcpu)
         d.vcpus.append(v)
     return d
-
-
-def _live_errors(xml: Optional[str]) -> Dict[int, str]:
-    if not xml:
-        return {}
-    from .state import from_xml
-    return {v.vcpu: v.error for v in from_xml(xml).vcpus if v.error}
 
 
 def domain_names(entries: Iterable[str], conn) -> List[str]:
@@ -354,6 +345,24 @@ def render_families(families: Iterable[Family]) -> str:
     return "\n".join(out) + "\n"
 
 
+#: The live state's introspection counters (state.INTRO_COUNTERS) as families.
+INTRO_COUNTER_FAMILIES = (
+    ("hits", "kairosvm_domain_trap_events_total",
+     "Introspection trap events (breakpoint or #UD hits) in the domain since introspection "
+     "attached."),
+    ("decoded", "kairosvm_domain_trap_events_decoded_total",
+     "Trap events decoded into a guest scheduling event."),
+    ("rejected", "kairosvm_domain_trap_events_rejected_total",
+     "Trap events that could not be decoded (bad guest memory, unknown layout)."),
+    ("suppressed", "kairosvm_domain_trap_sites_suppressed_total",
+     "Times a trap site was disarmed by its rate limit."),
+    ("handler_ns", "kairosvm_domain_trap_handler_seconds_total",
+     "Time the guest stood stopped in the trap handler: introspection's overhead."),
+    ("evicted", "kairosvm_domain_guest_tasks_evicted_total",
+     "Guest tasks dropped from the task model because it was full."),
+)
+
+
 def families(hs: HostSample) -> List[Family]:
     """The metric families of one host sample (names ``kairosvm_*``)."""
     F = Family
@@ -389,11 +398,12 @@ def families(hs: HostSample) -> List[Family]:
             "Times the vCPU thread was throttled, where the kernel exposes a count in "
             "/proc/PID/task/TID/sched.")
     tasks = F("kairosvm_vcpu_guest_tasks", "gauge",
-              "Guest real-time tasks found on the vCPU by introspection (absent until "
-              "introspection publishes them).")
-    events = F("kairosvm_vcpu_trap_events_total", "counter",
-               "Introspection trap events on the vCPU (absent until introspection publishes "
-               "them).")
+              "Guest real-time tasks introspection found on the vCPU (absent while "
+              "introspection is off).")
+    intro_state = F("kairosvm_domain_introspection_state", "gauge",
+                    "1 for the domain's introspection backend and its state (waiting, "
+                    "running, failed, stopped); absent while introspection is off.")
+    intro = {key: F(name, "counter", text) for key, name, text in INTRO_COUNTER_FAMILIES}
     for d in hs.domains:
         running.add(d.running, domain=d.name)
         agent.add(d.agent_running, domain=d.name)
@@ -411,10 +421,15 @@ def families(hs: HostSample) -> List[Family]:
                 thr.add(v.nr_throttled, **lab)
             if v.guest_tasks is not None:
                 tasks.add(v.guest_tasks, **lab)
-            if v.events is not None:
-                events.add(v.events, **lab)
+        i = d.introspection
+        if i is not None:
+            intro_state.add(1, domain=d.name, backend=str(i.get("backend")),
+                            state=str(i.get("state")))
+            for key, fam in intro.items():
+                if isinstance(i.get(key), int):
+                    fam.add(i[key] / 1e9 if key == "handler_ns" else i[key], domain=d.name)
     return [libvirt_up, capacity, reserved_all, refusals, running, agent, res_bw, res_period,
-            enf_bw, in_force, cpu, thr, tasks, events]
+            enf_bw, in_force, cpu, thr, tasks, intro_state, *intro.values()]
 
 
 def render(hs: HostSample) -> str:

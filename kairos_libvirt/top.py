@@ -1,7 +1,8 @@
 """``kairosvm top``: a live view of every real-time domain, per vCPU.
 
 Each frame is one :func:`kairos_libvirt.metrics.sample` of the host; rates
-(CPU use, trap events per second) are the difference between two frames.
+(CPU use, trap events per second, time stopped in the trap handler) are the
+difference between two frames.
 Plain ANSI (alternate screen, home + clear, one write per frame) and a
 cbreak terminal so that ``q`` quits without Enter; ``--once`` prints one
 frame without escape codes, for scripts and logs.
@@ -16,9 +17,12 @@ BUDGET%    CPU% / the reserved bandwidth: 100 = the vCPU uses all of it
 LEFT       ``dl.runtime``: runtime left in the current deadline period (negative:
            the vCPU overran its budget and is throttled until its next period)
 THROTTLED  the kernel's throttle count, where ``/proc/.../sched`` has one
-TASKS      guest real-time tasks found by introspection ("-" until published)
-EV/s       introspection trap events per second ("-" until published)
+TASKS      guest real-time tasks introspection found on the vCPU ("-": introspection off)
 =========  ==============================================================
+
+The domain's line adds introspection, when on: its backend and state, trap
+events per second, and the share of time the guest stood stopped in the trap
+handler (its overhead); "-" until two frames exist.
 """
 from __future__ import annotations
 
@@ -37,8 +41,8 @@ HOME_CLEAR = "\x1b[H\x1b[2J"
 QUIT_KEYS = frozenset("qQ")
 
 COLUMNS = ("vCPU", "TID", "DECLARED", "ENFORCED", "CPU%", "BUDGET%", "LEFT", "THROTTLED",
-           "TASKS", "EV/s")
-_ROW = "{:>5} {:>8}  {:<22} {:<22} {:>5} {:>7} {:>7} {:>9} {:>5} {:>6}"
+           "TASKS")
+_ROW = "{:>5} {:>8}  {:<22} {:<22} {:>5} {:>7} {:>7} {:>9} {:>5}"
 
 
 def _sched_text(policy: Optional[str], runtime_ns: Optional[int], deadline_ns: Optional[int],
@@ -73,18 +77,27 @@ def enforced_text(v: VcpuSample) -> str:
     return _sched_text(v.policy, v.runtime_ns, v.deadline_ns, v.period_ns, v.priority)
 
 
-def rates(cur: VcpuSample, prev: Optional[VcpuSample], dt: float
-          ) -> Tuple[Optional[float], Optional[float]]:
-    """(CPU % of one CPU, trap events per second) between two samples of one vCPU."""
-    if prev is None or dt <= 0 or prev.tid != cur.tid:
+def cpu_percent(cur: VcpuSample, prev: Optional[VcpuSample], dt: float) -> Optional[float]:
+    """CPU time of one vCPU thread between two samples, in % of one CPU."""
+    if prev is None or dt <= 0 or prev.tid != cur.tid or cur.exec_ns is None \
+            or prev.exec_ns is None:
+        return None
+    return max(cur.exec_ns - prev.exec_ns, 0) / 1e9 / dt * 100
+
+
+def trap_rates(cur: DomainSample, prev: Optional[DomainSample], dt: float
+               ) -> Tuple[Optional[float], Optional[float]]:
+    """(trap events per second, % of time stopped in the handler) between two samples."""
+    if prev is None or dt <= 0 or not cur.introspection or not prev.introspection:
         return None, None
-    cpu = None
-    if cur.exec_ns is not None and prev.exec_ns is not None:
-        cpu = max(cur.exec_ns - prev.exec_ns, 0) / 1e9 / dt * 100
-    ev = None
-    if cur.events is not None and prev.events is not None:
-        ev = max(cur.events - prev.events, 0) / dt
-    return cpu, ev
+
+    def delta(key: str) -> Optional[int]:
+        a, b = cur.introspection.get(key), prev.introspection.get(key)  # type: ignore
+        return max(a - b, 0) if isinstance(a, int) and isinstance(b, int) else None
+
+    hits, handler = delta("hits"), delta("handler_ns")
+    return (None if hits is None else hits / dt,
+            None if handler is None else handler / 1e9 / dt * 100)
 
 
 def _num(x: Optional[float], fmt: str = "{:.1f}") -> str:
@@ -92,7 +105,7 @@ def _num(x: Optional[float], fmt: str = "{:.1f}") -> str:
 
 
 def vcpu_row(v: VcpuSample, prev: Optional[VcpuSample], dt: float) -> str:
-    cpu, ev = rates(v, prev, dt)
+    cpu = cpu_percent(v, prev, dt)
     bw = v.reserved_bandwidth
     budget = cpu / float(bw * 100) * 100 if cpu is not None and bw else None
     left = f"{v.dl_runtime_ns / 1000:.0f}us" \
@@ -100,14 +113,21 @@ def vcpu_row(v: VcpuSample, prev: Optional[VcpuSample], dt: float) -> str:
     return _ROW.format(v.vcpu, v.tid or "-", declared_text(v)[:22], enforced_text(v)[:22],
                        _num(cpu), _num(budget, "{:.0f}"), left,
                        "-" if v.nr_throttled is None else v.nr_throttled,
-                       "-" if v.guest_tasks is None else v.guest_tasks, _num(ev, "{:.0f}"))
+                       "-" if v.guest_tasks is None else v.guest_tasks)
 
 
-def domain_header(d: DomainSample) -> str:
+def domain_header(d: DomainSample, prev: Optional[DomainSample] = None, dt: float = 0.0
+                  ) -> str:
     state = f"running (qemu {d.qemu_pid})" if d.running else "not running"
     agent = f"agent {d.agent_pid}" if d.agent_running and d.agent_pid else \
         ("agent starting" if d.agent_running else "no agent")
-    return f"{d.name}: {state}, {agent}, ledger {d.ledger_state or '-'}"
+    line = f"{d.name}: {state}, {agent}, ledger {d.ledger_state or '-'}"
+    i = d.introspection
+    if i:
+        per_s, stopped = trap_rates(d, prev, dt)
+        line += (f"; introspection {i.get('backend')} {i.get('state')}: "
+                 f"{_num(per_s, '{:.0f}')} traps/s, {_num(stopped, '{:.1f}')}% stopped")
+    return line
 
 
 def render(cur: HostSample, prev: Optional[HostSample] = None, width: int = 120,
@@ -127,11 +147,13 @@ def render(cur: HostSample, prev: Optional[HostSample] = None, width: int = 120,
                      "declares <kairos:realtime>")
     dt = cur.monotonic - prev.monotonic if prev else 0.0
     before: Dict[Tuple[str, int], VcpuSample] = {}
+    prev_domains: Dict[str, DomainSample] = {}
     if prev:
         before = {(d.name, v.vcpu): v for d in prev.domains for v in d.vcpus}
+        prev_domains = {d.name: d for d in prev.domains}
     for d in cur.domains:
         lines.append("")
-        lines.append(domain_header(d))
+        lines.append(domain_header(d, prev_domains.get(d.name), dt))
         if d.error:
             lines.append(f"  ! {d.error}")
         lines.append(_ROW.format(*COLUMNS))

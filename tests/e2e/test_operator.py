@@ -103,7 +103,7 @@ def test_top_once_shows_declared_and_enforced(domains):
         assert int(r[1]) == tids[int(r[0])]
         assert r[2:6] == ["deadline", "1ms/10ms", "deadline", "1ms/10ms"]
         assert float(r[6]) <= 15.0  # CPU% of a 10% reservation (plus rounding)
-        assert r[10:] == ["-", "-"]  # guest tasks, trap events: no introspection yet
+        assert r[10:] == ["-"]  # guest tasks: introspection is off
 
 
 def _read_until(fd: int, pattern: str, timeout: float) -> str:

@@ -144,10 +144,13 @@ def fake_sample() -> HostSample:
                        agent_running=True, ledger_state="running", vcpus=[
         VcpuSample(vcpu=0, tid=12, reserved=dl, declared=dl, policy="deadline", priority=0,
                    runtime_ns=1_000_000, deadline_ns=10_000_000, period_ns=10_000_000,
-                   exec_ns=2_500_000_000, dl_runtime_ns=-3000, guest_tasks=2, events=7),
+                   exec_ns=2_500_000_000, dl_runtime_ns=-3000, guest_tasks=2),
         VcpuSample(vcpu=1, tid=13, reserved=fifo, declared=fifo, policy="fifo", priority=40,
                    rt_group=(3000, 10000), exec_ns=1, nr_throttled=4),
     ])
+    vm1.introspection = {"backend": "gdbstub", "state": "running", "hits": 7, "decoded": 6,
+                         "rejected": 1, "suppressed": 0, "handler_ns": 28_000_000,
+                         "evicted": 0}
     vm2 = DomainSample(name="vm2", running=False, ledger_state="prepared", vcpus=[
         VcpuSample(vcpu=0, reserved=dl, declared=dl)])
     return HostSample(monotonic=1.0, wall=0.0, domains=[vm1, vm2],
@@ -176,11 +179,16 @@ def test_render_is_valid_exposition_with_every_family():
     assert get("kairosvm_vcpu_cpu_seconds_total", ("vcpu", "0")) == 2.5
     assert get("kairosvm_vcpu_throttled_total", ("vcpu", "1")) == 4
     assert get("kairosvm_vcpu_guest_tasks", ("vcpu", "0")) == 2
-    assert get("kairosvm_vcpu_trap_events_total", ("vcpu", "0")) == 7
+    assert series[("kairosvm_domain_trap_events_total", d1)] == 7
+    assert series[("kairosvm_domain_trap_events_rejected_total", d1)] == 1
+    assert series[("kairosvm_domain_trap_handler_seconds_total", d1)] == 0.028
+    assert get("kairosvm_domain_introspection_state", ("backend", "gdbstub"),
+               ("state", "running")) == 1
     # Unknown stays absent, never a made-up 0.
     assert (("kairosvm_vcpu_throttled_total", tuple(sorted(d1 + (("vcpu", "0"),))))
             not in series)
     assert ("kairosvm_vcpu_guest_tasks", (("domain", "vm2"), ("vcpu", "0"))) not in series
+    assert ("kairosvm_domain_trap_events_total", (("domain", "vm2"),)) not in series
     assert series[("kairosvm_domain_running", (("domain", "vm2"),))] == 0
     assert series[("kairosvm_vcpu_reservation_in_force", (("domain", "vm2"), ("vcpu", "0")))] \
         == 0
@@ -336,11 +344,20 @@ def test_serve_stops_cleanly_on_ctrl_c(monkeypatch, capsys, tmp_path):
 # The sampler, with fakes for libvirt and /proc
 
 
-def test_live_extras_reads_tasks_and_events():
-    xml = ("<state><vcpu id='0' events='12'><task pid='1'/><task pid='2'/></vcpu>"
-           "<vcpu id='1' guest-tasks='3'/><vcpu id='2'/><vcpu id='x'/><error>e</error></state>")
-    assert metrics.live_extras(xml) == {0: (2, 12), 1: (3, None), 2: (None, None)}
-    assert metrics.live_extras(None) == {}
+def test_published_tasks_counters_and_errors():
+    from kairos_libvirt.state import DomainState, VcpuState, to_xml
+    st = DomainState(agent_pid=1, qemu_pid=2, vcpus=[
+        VcpuState(vcpu=0, tid=10), VcpuState(vcpu=1, tid=11, error="EPERM"),
+        VcpuState(vcpu=2, tid=12)])
+    assert metrics.published(to_xml(st)) == ({}, None, {1: "EPERM"})  # introspection off
+    st.introspection = {"backend": "gdbstub", "state": "running", "hits": 9, "handler_ns": 5}
+    st.tasks = [{"key": "a", "tid": 100, "comm": "rt", "vcpu": 1, "policy": "fifo"},
+                {"key": "b", "tid": 101, "comm": "rt", "vcpu": 1, "policy": "fifo"},
+                {"key": "c", "comm": "lost"}]
+    tasks, intro, errors = metrics.published(to_xml(st))
+    assert tasks == {0: 0, 1: 2, 2: 0} and errors == {1: "EPERM"}
+    assert (intro["hits"], intro["handler_ns"], intro["state"]) == (9, 5, "running")
+    assert metrics.published(None) == ({}, None, {})
 
 
 @pytest.mark.parametrize("text, value", [("12", 12), (" -3 ", -3), ("--3", None),

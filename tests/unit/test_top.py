@@ -20,18 +20,20 @@ FIFO = {"policy": "fifo", "runtime_ns": 3_000_000, "period_ns": 10_000_000,
         "deadline_ns": None, "priority": 40}
 
 
-def fake_host(t: float, exec0: int = 0, events=None, tasks=None, errors=False) -> HostSample:
+def fake_host(t: float, exec0: int = 0, hits=None, tasks=None, errors=False) -> HostSample:
     """A fake host at monotonic time ``t`` with one domain of two vCPUs."""
     v0 = VcpuSample(vcpu=0, tid=100, declared=DL, reserved=DL, policy="deadline",
                     runtime_ns=1_000_000, deadline_ns=10_000_000, period_ns=10_000_000,
-                    priority=0, exec_ns=exec0, dl_runtime_ns=-361_516, events=events,
-                    guest_tasks=tasks)
+                    priority=0, exec_ns=exec0, dl_runtime_ns=-361_516, guest_tasks=tasks)
     v1 = VcpuSample(vcpu=1, tid=101, declared=FIFO, reserved=FIFO, policy="fifo", priority=40,
                     rt_group=(3000, 10000), exec_ns=exec0 // 2, nr_throttled=7,
                     error="sched_setattr(tid 101): Operation not permitted" if errors else None)
     d = DomainSample(name="vm1", running=True, qemu_pid=99, agent_pid=98, agent_running=True,
                      ledger_state="running", vcpus=[v0, v1],
                      error="invalid declaration: x" if errors else None)
+    if hits is not None:  # introspection on: gdbstub, 4 ms stopped per hit
+        d.introspection = {"backend": "gdbstub", "state": "running", "hits": hits,
+                           "handler_ns": hits * 4_000_000}
     return HostSample(monotonic=t, wall=0.0, domains=[d], capacity_cpus=Fraction(9, 5),
                       reserved_cpus=Fraction(2, 5), admission_refusals=1)
 
@@ -49,19 +51,26 @@ def test_first_frame_has_no_rates():
     assert lines[1] == "capacity 1.8 CPU, reserved 0.4, 1 domain(s), admission refusals 1"
     assert "vm1: running (qemu 99), agent 98, ledger running" in lines
     cells = row(lines, 0)
-    # vCPU TID DECLARED(2 words) ENFORCED(2 words) CPU% BUDGET% LEFT THROTTLED TASKS EV/s
+    # vCPU TID DECLARED(2 words) ENFORCED(2 words) CPU% BUDGET% LEFT THROTTLED TASKS
     assert cells[:6] == ["0", "100", "deadline", "1ms/10ms", "deadline", "1ms/10ms"]
-    assert cells[6:] == ["-", "-", "-362us", "-", "-", "-"]
+    assert cells[6:] == ["-", "-", "-362us", "-", "-"]
+    assert "introspection" not in "\n".join(lines)  # off: nothing claimed
 
 
 def test_rates_between_frames():
-    prev = fake_host(10.0, exec0=0, events=100)
-    cur = fake_host(12.0, exec0=200_000_000, events=160, tasks=3)  # 0.2 s CPU in 2 s
-    cells = row(top.render(cur, prev), 0)
-    assert cells[6:] == ["10.0", "100", "-362us", "-", "3", "30"]
-    fifo = row(top.render(cur, prev), 1)
+    prev = fake_host(10.0, exec0=0, hits=100)
+    cur = fake_host(12.0, exec0=200_000_000, hits=160, tasks=3)  # 0.2 s CPU in 2 s
+    lines = top.render(cur, prev)
+    assert row(lines, 0)[6:] == ["10.0", "100", "-362us", "-", "3"]
+    fifo = row(lines, 1)
     assert fifo[2:4] == ["fifo:40", "3ms/10ms"] and fifo[4:6] == ["fifo:40", "3ms/10ms"]
-    assert fifo[6:] == ["5.0", "17", "-", "7", "-", "-"]
+    assert fifo[6:] == ["5.0", "17", "-", "7", "-"]
+    # 60 hits in 2 s, each 4 ms stopped: 30 traps/s, 12% of the time.
+    assert "vm1: running (qemu 99), agent 98, ledger running; introspection gdbstub " \
+        "running: 30 traps/s, 12.0% stopped" in lines
+    first = top.render(cur)
+    assert any(ln.endswith("introspection gdbstub running: - traps/s, -% stopped")
+               for ln in first)
 
 
 def test_a_restarted_vcpu_thread_has_no_rate():
