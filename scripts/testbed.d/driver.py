@@ -113,7 +113,6 @@ def main() -> int:
         ksyms = {m.group(1): int(m.group(2), 16)
                  for m in re.finditer(r"KAIROS-GUEST KSYM (\S+) ([0-9a-f]+)", con.text)}
         res["ksyms"] = {k: hex(v) for k, v in ksyms.items()}
-        res["l2_hypervisor"] = "KVM" if "Hypervisor detected: KVM" in con.text else None
 
         # -- attach: QEMU's VM fd, our ring -----------------------------------------
         ud = KvmUd.attach(qemu.pid, nr_events=32768)
@@ -154,6 +153,9 @@ def main() -> int:
 
         # -- capture: sched_setattr 2 ms / 10 ms, getpid, an unarmed ud2 ------------------
         step("capture")
+        m = re.search(r"^KT-HV Hypervisor detected: (\w+)", con.text, re.M)
+        res["l2_hypervisor"] = m.group(1) if m else None
+        res["events_before_capture"] = len(ud.read_events())   # the shell's own getpid calls since arming
         c0 = ud.counters()
         go()
         pos = step("bench-armed")
