@@ -235,6 +235,9 @@ def main() -> int:
                             "recorded": sum(1 for e in evs if e.trap_id == ID_GETPID),
                             "rate_dropped": c5.rate_dropped - c4.rate_dropped,
                             "rtprog_done": bool(re.search(r"getpid-loop calls=3000 ", con.text))}
+        m = re.search(r"getpid-loop calls=3000 total_ns=\d+ ns_per_call=([\d.]+)", con.text)
+        # mostly dropped traps: the exit and the skip without the fetch and the ring write
+        res["ratelimit"]["ns_per_call"] = float(m.group(1)) if m else None
 
         # -- shutdown with both sites armed: the kernel restores them as QEMU's memory goes away -----
         gpas = {name: s["gpa"] for name, s in sites.items()}
