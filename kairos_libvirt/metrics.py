@@ -25,7 +25,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REFUSALS = "admission_refusals"
@@ -101,6 +101,8 @@ class VcpuSample:
     nr_throttled: Optional[int] = None
     #: Guest tasks introspection found on this vCPU (None: introspection off).
     guest_tasks: Optional[int] = None
+    #: Who sized the reservation in force: "declared" or "introspection" (live state).
+    source: Optional[str] = None
     error: Optional[str] = None
 
     @property
@@ -164,26 +166,34 @@ class HostSample:
     libvirt_error: Optional[str] = None
 
 
-def published(xml: Optional[str]) -> Tuple[Dict[int, int], Optional[dict], Dict[int, str]]:
-    """From the agent's live state: (guest tasks per vCPU, introspection, errors per vCPU).
+class Published(NamedTuple):
+    tasks: Dict[int, int]          # guest tasks per vCPU; empty while introspection is off
+    introspection: Optional[dict]  # backend, state, counters; None while off
+    errors: Dict[int, str]         # per vCPU
+    sources: Dict[int, str]        # per vCPU: declared | introspection
+
+
+def published(xml: Optional[str]) -> Published:
+    """From the agent's live state: guest tasks, introspection, errors and sources.
 
     Tasks and counters exist only while introspection is on (an
     ``<introspection>`` element): without it the task counts are empty, which
     the callers show as unknown ("-"), never as 0.
     """
     if not xml:
-        return {}, None, {}
+        return Published({}, None, {}, {})
     from .state import from_xml
     st = from_xml(xml)
     errors = {v.vcpu: v.error for v in st.vcpus if v.error}
+    sources = {v.vcpu: v.source for v in st.vcpus}
     if st.introspection is None:
-        return {}, None, errors
+        return Published({}, None, errors, sources)
     tasks = {v.vcpu: 0 for v in st.vcpus}
     for t in st.tasks:
         vcpu = t.get("vcpu")
         if isinstance(vcpu, int):
             tasks[vcpu] = tasks.get(vcpu, 0) + 1
-    return tasks, dict(st.introspection), errors
+    return Published(tasks, dict(st.introspection), errors, sources)
 
 
 def _int(text: Optional[str]) -> Optional[int]:
@@ -225,7 +235,8 @@ def sample_domain(cfg, name: str, conn, entry: Optional[dict]) -> DomainSample:
     d.running, d.qemu_pid = doc["running"], doc["qemu_pid"]
     d.agent_pid, d.agent_running = doc["agent"]["pid"], doc["agent"]["running"]
     granted = (entry or {}).get("granted", {})
-    tasks, d.introspection, errors = published(state_xml)
+    pub = published(state_xml)
+    d.introspection = pub.introspection
     for row in doc["vcpus"]:
         v = VcpuSample(vcpu=row["vcpu"], tid=row["tid"], declared=row["declared"],
                        reserved=granted.get(str(row["vcpu"])), policy=row["policy"],
@@ -236,8 +247,9 @@ def sample_domain(cfg, name: str, conn, entry: Optional[dict]) -> DomainSample:
             v.rt_group = (g["runtime_us"], g["period_us"])
         if v.tid and d.qemu_pid:
             v.exec_ns, v.dl_runtime_ns, v.nr_throttled = sched_stats(d.qemu_pid, v.tid)
-        v.guest_tasks = tasks.get(v.vcpu)
-        v.error = errors.get(v.vcpu)
+        v.guest_tasks = pub.tasks.get(v.vcpu)
+        v.source = pub.sources.get(v.vcpu)
+        v.error = pub.errors.get(v.vcpu)
         d.vcpus.append(v)
     return d
 

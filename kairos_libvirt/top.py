@@ -10,8 +10,10 @@ frame without escape codes, for scripts and logs.
 Columns per vCPU:
 
 =========  ==============================================================
-DECLARED   the declaration (``deadline runtime/period``, ``fifo:PRIO runtime/period``)
-ENFORCED   what the kernel says now (``sched_getattr``, RT group files)
+DECLARED   the declaration (``dl runtime/period``, ``dl runtime/deadline/period``,
+           ``fifo:PRIO runtime/period``)
+ENFORCED   what the kernel says now (``sched_getattr``, RT group files); a ``*``
+           marks a reservation introspection resized (the live state's source)
 CPU%       CPU time the vCPU thread used between frames, % of one CPU
 BUDGET%    CPU% / the reserved bandwidth: 100 = the vCPU uses all of it
 LEFT       ``dl.runtime``: runtime left in the current deadline period (negative:
@@ -42,7 +44,8 @@ QUIT_KEYS = frozenset("qQ")
 
 COLUMNS = ("vCPU", "TID", "DECLARED", "ENFORCED", "CPU%", "BUDGET%", "LEFT", "THROTTLED",
            "TASKS")
-_ROW = "{:>5} {:>8}  {:<22} {:<22} {:>5} {:>7} {:>7} {:>9} {:>5}"
+_W = 24  # DECLARED, ENFORCED
+_ROW = "{:>5} {:>8}  {:<24} {:<24} {:>5} {:>7} {:>7} {:>9} {:>5}"
 
 
 def _sched_text(policy: Optional[str], runtime_ns: Optional[int], deadline_ns: Optional[int],
@@ -52,8 +55,8 @@ def _sched_text(policy: Optional[str], runtime_ns: Optional[int], deadline_ns: O
     if policy == "deadline":
         r, p = format_ns(runtime_ns or 0), format_ns(period_ns or 0)
         if deadline_ns and deadline_ns != period_ns:
-            return f"deadline {r}/{format_ns(deadline_ns)}/{p}"
-        return f"deadline {r}/{p}"
+            return f"dl {r}/{format_ns(deadline_ns)}/{p}"
+        return f"dl {r}/{p}"
     if policy in ("fifo", "rr"):
         budget = f" {format_ns(runtime_ns)}/{format_ns(period_ns)}" \
             if runtime_ns is not None and period_ns else ""
@@ -70,11 +73,12 @@ def declared_text(v: VcpuSample) -> str:
 
 
 def enforced_text(v: VcpuSample) -> str:
+    mark = "*" if v.source == "introspection" else ""
     if v.policy in ("fifo", "rr"):
         rt = v.rt_group
         return _sched_text(v.policy, rt[0] * 1000 if rt else None, None,
-                           rt[1] * 1000 if rt else None, v.priority)
-    return _sched_text(v.policy, v.runtime_ns, v.deadline_ns, v.period_ns, v.priority)
+                           rt[1] * 1000 if rt else None, v.priority) + mark
+    return _sched_text(v.policy, v.runtime_ns, v.deadline_ns, v.period_ns, v.priority) + mark
 
 
 def cpu_percent(cur: VcpuSample, prev: Optional[VcpuSample], dt: float) -> Optional[float]:
@@ -110,7 +114,7 @@ def vcpu_row(v: VcpuSample, prev: Optional[VcpuSample], dt: float) -> str:
     budget = cpu / float(bw * 100) * 100 if cpu is not None and bw else None
     left = f"{v.dl_runtime_ns / 1000:.0f}us" \
         if v.policy == "deadline" and v.dl_runtime_ns is not None else "-"
-    return _ROW.format(v.vcpu, v.tid or "-", declared_text(v)[:22], enforced_text(v)[:22],
+    return _ROW.format(v.vcpu, v.tid or "-", declared_text(v)[:_W], enforced_text(v)[:_W],
                        _num(cpu), _num(budget, "{:.0f}"), left,
                        "-" if v.nr_throttled is None else v.nr_throttled,
                        "-" if v.guest_tasks is None else v.guest_tasks)

@@ -96,12 +96,12 @@ def test_top_once_shows_declared_and_enforced(domains):
     assert "\x1b" not in res.stdout
     header = next(ln for ln in lines if ln.startswith(f"{name}: "))
     assert "running (qemu " in header and ", agent " in header and "ledger running" in header
-    rows = [ln.split() for ln in lines if re.match(r"^\s+[01]\s+\d+\s+deadline", ln)]
+    rows = [ln.split() for ln in lines if re.match(r"^\s+[01]\s+\d+\s+dl ", ln)]
     assert [r[0] for r in rows] == ["0", "1"]
     tids = {r["vcpu"]: r["tid"] for r in status_json(name)["vcpus"]}
     for r in rows:
         assert int(r[1]) == tids[int(r[0])]
-        assert r[2:6] == ["deadline", "1ms/10ms", "deadline", "1ms/10ms"]
+        assert r[2:6] == ["dl", "1ms/10ms", "dl", "1ms/10ms"]
         assert float(r[6]) <= 15.0  # CPU% of a 10% reservation (plus rounding)
         assert r[10:] == ["-"]  # guest tasks: introspection is off
 
@@ -144,10 +144,10 @@ def test_top_live_in_a_terminal_quits_on_q(domains):
         os.execve(sys.executable, CLI + ["top", "--interval", "0.2"], env)
     try:
         screen = _read_until(fd, rf"{re.escape(name)}: running.*?\n.*?\n\s+0\s+\d+\s+"
-                                 r"deadline 1ms/10ms\s+deadline 1ms/10ms\s+[\d.-]+", 30)
+                                 r"dl 1ms/10ms\s+dl 1ms/10ms\s+[\d.-]+", 30)
         assert "\x1b[?1049h" in screen  # alternate screen
         # A second frame comes with a CPU% (a number, not "-") once two samples exist.
-        _read_until(fd, r"\n\s+0\s+\d+\s+deadline 1ms/10ms\s+deadline 1ms/10ms\s+\d+\.\d", 10)
+        _read_until(fd, r"\n\s+0\s+\d+\s+dl 1ms/10ms\s+dl 1ms/10ms\s+\d+\.\d", 10)
         os.write(fd, b"q")
         assert _wait_exit(pid, 10) == 0
     finally:

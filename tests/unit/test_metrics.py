@@ -349,15 +349,18 @@ def test_published_tasks_counters_and_errors():
     st = DomainState(agent_pid=1, qemu_pid=2, vcpus=[
         VcpuState(vcpu=0, tid=10), VcpuState(vcpu=1, tid=11, error="EPERM"),
         VcpuState(vcpu=2, tid=12)])
-    assert metrics.published(to_xml(st)) == ({}, None, {1: "EPERM"})  # introspection off
+    off = metrics.published(to_xml(st))  # introspection off: no task counts at all
+    assert (off.tasks, off.introspection, off.errors) == ({}, None, {1: "EPERM"})
+    st.vcpus[0].source = "introspection"
     st.introspection = {"backend": "gdbstub", "state": "running", "hits": 9, "handler_ns": 5}
     st.tasks = [{"key": "a", "tid": 100, "comm": "rt", "vcpu": 1, "policy": "fifo"},
                 {"key": "b", "tid": 101, "comm": "rt", "vcpu": 1, "policy": "fifo"},
                 {"key": "c", "comm": "lost"}]
-    tasks, intro, errors = metrics.published(to_xml(st))
+    tasks, intro, errors, sources = metrics.published(to_xml(st))
     assert tasks == {0: 0, 1: 2, 2: 0} and errors == {1: "EPERM"}
+    assert sources == {0: "introspection", 1: "declared", 2: "declared"}
     assert (intro["hits"], intro["handler_ns"], intro["state"]) == (9, 5, "running")
-    assert metrics.published(None) == ({}, None, {})
+    assert metrics.published(None) == ({}, None, {}, {})
 
 
 @pytest.mark.parametrize("text, value", [("12", 12), (" -3 ", -3), ("--3", None),

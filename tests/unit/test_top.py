@@ -52,7 +52,7 @@ def test_first_frame_has_no_rates():
     assert "vm1: running (qemu 99), agent 98, ledger running" in lines
     cells = row(lines, 0)
     # vCPU TID DECLARED(2 words) ENFORCED(2 words) CPU% BUDGET% LEFT THROTTLED TASKS
-    assert cells[:6] == ["0", "100", "deadline", "1ms/10ms", "deadline", "1ms/10ms"]
+    assert cells[:6] == ["0", "100", "dl", "1ms/10ms", "dl", "1ms/10ms"]
     assert cells[6:] == ["-", "-", "-362us", "-", "-"]
     assert "introspection" not in "\n".join(lines)  # off: nothing claimed
 
@@ -98,8 +98,11 @@ def test_width_and_height_limits():
 @pytest.mark.parametrize("v, declared, enforced", [
     (VcpuSample(vcpu=0), "-", "-"),
     (VcpuSample(vcpu=0, declared={**DL, "deadline_ns": 5_000_000}, policy="other"),
-     "deadline 1ms/5ms/10ms", "other"),
+     "dl 1ms/5ms/10ms", "other"),
     (VcpuSample(vcpu=0, declared=FIFO, policy="rr", priority=3), "fifo:40 3ms/10ms", "rr:3"),
+    (VcpuSample(vcpu=0, declared=DL, policy="deadline", runtime_ns=1_540_000,
+                deadline_ns=1_540_000, period_ns=15_000_000, source="introspection"),
+     "dl 1ms/10ms", "dl 1540us/1540us/15ms*"),
 ])
 def test_sched_texts(v, declared, enforced):
     assert (top.declared_text(v), top.enforced_text(v)) == (declared, enforced)
