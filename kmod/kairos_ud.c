@@ -52,6 +52,7 @@ MODULE_PARM_DESC(kairos_ud, "kvm-ud trap backend present: its API version (read-
 #define KAIROS_DEFAULT_RATE	10000
 #define KAIROS_DEFAULT_BURST	1000
 #define KAIROS_DEFAULT_TMO_MS	2000
+#define KAIROS_MAX_TMO_MS	10000	/* vm->lock is held meanwhile (the exit-time restore waits for it) */
 
 static const u8 kairos_nop5[KAIROS_UD_SITE_LEN] = KAIROS_UD_NOP5;
 static const u8 kairos_ud5[KAIROS_UD_SITE_LEN] = KAIROS_UD_ARMED5;
@@ -489,7 +490,8 @@ static int kairos_run_op(struct kairos_vm *vm, struct kairos_ud_ctl *ctl)
 	kvm_vcpu_kick(vcpu);
 
 	left = wait_for_completion_killable_timeout(&op.done,
-			msecs_to_jiffies(ctl->timeout_ms ? ctl->timeout_ms : KAIROS_DEFAULT_TMO_MS));
+			msecs_to_jiffies(ctl->timeout_ms ? min_t(u32, ctl->timeout_ms, KAIROS_MAX_TMO_MS) :
+					 KAIROS_DEFAULT_TMO_MS));
 	if (left <= 0) {
 		spin_lock(&vm->op_lock);
 		if (vm->op == &op) {		/* never taken: cancel, nothing was done */
@@ -519,7 +521,7 @@ static void kairos_restore_remote(struct kairos_vm *vm, struct mm_struct *mm)
 
 	idx = srcu_read_lock(&kvm->srcu);
 	for (i = 0; i < KAIROS_UD_MAX_TRAPS; i++) {
-		unsigned long hva;
+		unsigned long hva, off;
 		struct page *page;
 		long n;
 		u8 *p;
@@ -540,8 +542,11 @@ static void kairos_restore_remote(struct kairos_vm *vm, struct mm_struct *mm)
 			continue;
 		}
 		p = kmap_local_page(page);
-		if (p[offset_in_page(hva)] == kairos_ud5[1])
-			p[offset_in_page(hva)] = kairos_nop5[1];
+		off = offset_in_page(hva);
+		/* Ours only if the byte (and the rest of the site, where it is on this page) still reads armed. */
+		if (p[off] == kairos_ud5[1] && (off == 0 || p[off - 1] == kairos_ud5[0]) &&
+		    (off + 3 >= PAGE_SIZE || !memcmp(p + off + 1, kairos_ud5 + 2, 3)))
+			p[off] = kairos_nop5[1];
 		kunmap_local(p);
 		set_page_dirty_lock(page);
 		put_page(page);

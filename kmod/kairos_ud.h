@@ -105,7 +105,7 @@ struct kairos_ud_traps {
 
 /*
  * KAIROS_UD_CTL: an operation run on a vCPU thread of the VM (vcpu: index,
- * usually 0), waited for up to timeout_ms (0: 2000; ETIMEDOUT if the vCPU
+ * usually 0), waited for up to timeout_ms (0: 2000, at most 10000; ETIMEDOUT if the vCPU
  * thread did not come by, e.g. the VM is paused: nothing was done then).
  *   ARM    trap `index`: the 5 bytes at its gva must be KAIROS_UD_NOP5
  *          (EBADMSG otherwise, nothing written; already armed: 0).
