@@ -230,7 +230,7 @@ def main() -> int:
         c4 = ud.counters()
         t1 = now()
         go()
-        step("shutdown")
+        step("toggle")
         dt = now() - t1
         c5 = ud.counters()
         evs = ud.read_events()
@@ -242,6 +242,25 @@ def main() -> int:
         m = re.search(r"getpid-loop calls=3000 total_ns=\d+ ns_per_call=([\d.]+)", con.text)
         # mostly dropped traps: the exit and the skip without the fetch and the ring write
         res["ratelimit"]["ns_per_call"] = float(m.group(1)) if m else None
+
+        # -- toggle: arm/disarm getpid over and over while L2 calls it on the other vCPU ----------------
+        loops_before = len(re.findall(r"getpid-loop calls=", con.text))
+        go()
+        toggles, t1 = 0, now()
+        while len(re.findall(r"getpid-loop calls=", con.poll())) == loops_before and now() - t1 < a.timeout:
+            ud.disarm(1)
+            ud.arm(1)
+            toggles += 1
+        dt = now() - t1
+        pos = step("shutdown")
+        c6 = ud.counters()
+        ud.read_events()
+        res["toggle"] = {"toggles": toggles, "seconds": round(dt, 2), "stale": c6.stale - c5.stale,
+                         "hits": c6.trap_hits[1] - c5.trap_hits[1],
+                         "rtprog_done": len(re.findall(r"getpid-loop calls=20000 ", con.text)) == 3,
+                         "guest_oops": bool(re.search(r"invalid opcode|Oops|BUG:|Kernel panic", con.text)),
+                         "armed_after": hexb(ud.peek(traps[1].gva, 5)[0])}
+        c5 = c6
 
         # -- shutdown with both sites armed: the kernel restores them as QEMU's memory goes away -----
         gpas = {name: s["gpa"] for name, s in sites.items()}

@@ -138,6 +138,14 @@ def test_rate_limit_skips_without_recording(run: dict) -> None:
     assert r["rate_dropped"] > 0
 
 
+def test_arm_disarm_while_the_guest_calls_the_site(run: dict) -> None:
+    t = run["toggle"]
+    assert t["toggles"] >= 10, "too few arm/disarm cycles to mean anything"
+    assert t["rtprog_done"] and not t["guest_oops"]
+    assert t["armed_after"] == ARMED5
+    assert t["hits"] > 0                           # it trapped in the armed windows
+
+
 def test_bench_figures(run: dict) -> None:
     b = run["bench"]
     assert b["events_while_armed"] >= b["calls"] and b["overflow"] == 0
