@@ -48,6 +48,9 @@ DL_MIN_RUNTIME_NS = 1 << 10
 DL_PERIOD_MIN_NS = 100 * 1000
 DL_PERIOD_MAX_NS = (1 << 22) * 1000
 MODELS = ("edp", "prm")
+#: Work per EDF test while ranking candidate periods or loosening the deadline
+#: (see Workload.max_work); a test that runs out only costs a little bandwidth.
+SEARCH_WORK = 20_000
 
 
 @dataclass(frozen=True)
@@ -172,15 +175,25 @@ def _min_budget(wl: Workload, period: int, deadline: Optional[int], overhead: in
 
 
 def _max_deadline(wl: Workload, period: int, budget: int, overhead: int, grid: int) -> int:
-    """Largest Δ on the grid (from Θ + overhead up to Π) that keeps Θ schedulable."""
+    """A large Δ on the grid (from Θ + overhead up to Π) that keeps Θ schedulable.
+
+    Uses the quick sufficient test (:attr:`Workload.quick`): the deadline is
+    the loosest one that test proves, which is safe and cheap; the exact
+    largest one may be a little larger.  Δ = Θ + overhead passed the exact
+    budget search, so it is the fallback.
+    """
     base = budget + overhead
     steps = (period - base) // grid
 
     def at(k: int) -> Tuple[int, int, int]:
         return period, budget, base + (steps - k) * grid
-    k = _least(0, steps, at, wl.violation)
-    assert k is not None, "Δ = Θ + overhead passed the budget search"
-    return base + (steps - k) * grid
+    wl.quick, wl_work = True, wl.max_steps
+    wl.set_work(SEARCH_WORK)
+    try:
+        k = _least(0, steps, at, wl.violation)
+    finally:
+        wl.quick, wl.max_steps = False, wl_work
+    return base if k is None else base + (steps - k) * grid
 
 
 def minimal_budget(tasks: Sequence[Task], *, period_ns: int, deadline_ns: Optional[int] = None,
@@ -234,43 +247,72 @@ def _grid(lo: int, hi: int, n: int, grid: int, geometric: bool) -> List[int]:
     return sorted(out)
 
 
+#: Candidates re-computed exactly after the ranking.
+FINALISTS = 2
+
+
 def _search_period(wl: Workload, lo: int, hi: int, model: str, overhead: int, grid: int,
                    steps: int) -> Optional[Tuple[int, int, bool]]:
-    """Best (Π, Θ, exact) on the grid by (Θ + overhead)/Π; larger Π wins ties (fewer switches)."""
-    best: Optional[Tuple[Fraction, int, int]] = None
-    seen: Dict[int, bool] = {}  # period -> its least budget was proven least
+    """Best (Π, Θ, exact) on the grid by (Θ + overhead)/Π; larger Π wins ties (fewer switches).
+
+    Candidates are ranked with cheap budgets (a sufficient test with a work
+    limit: safe, maybe a little too large); the best few are then recomputed
+    exactly.
+    """
+    ranked: Dict[int, Optional[int]] = {}
+    best: Optional[Tuple[Fraction, int]] = None
+
+    def better(cost: Fraction, p: int, than: Optional[Tuple[Fraction, int]]) -> bool:
+        return than is None or cost < than[0] or (cost == than[0] and p > than[1])
 
     def consider(p: int) -> None:
         nonlocal best
-        if p in seen:
+        if p in ranked:
             return
         cap = None
         if best is not None:
             cap = math.floor(best[0] * p) - overhead  # a larger Θ cannot win
             if cap < 1:
-                seen[p] = True
+                ranked[p] = None
                 return
-        before = wl.capped
         q = _min_budget(wl, p, None if model == "edp" else p, overhead, grid, cap)
-        seen[p] = wl.capped == before
-        if q is not None:
-            cost = Fraction(q + overhead, p)
-            if best is None or cost < best[0] or (cost == best[0] and p > best[1]):
-                best = (cost, p, q)
+        ranked[p] = q
+        if q is not None and better(Fraction(q + overhead, p), p, best):
+            best = (Fraction(q + overhead, p), p)
 
+    wl.set_work(SEARCH_WORK)
+    wl.quick = True
     coarse = _grid(lo, hi, steps, grid, geometric=True)
     dmin = min(t.deadline_ns for t in wl.tasks) // grid * grid
     for p in coarse + ([dmin] if lo <= dmin <= hi else []):
         consider(p)
     if best is None:
+        wl.set_work(wl.max_work)
+        wl.quick = False
         return None
-    ordered = sorted(seen)
+    ordered = sorted(ranked)
     i = ordered.index(best[1])
     a = ordered[i - 1] if i > 0 else lo
     b = ordered[i + 1] if i + 1 < len(ordered) else hi
     for p in _grid(a, b, max(2, steps // 2), grid, geometric=False):
         consider(p)
-    return best[1], best[2], seen[best[1]]
+    wl.set_work(wl.max_work)
+    wl.quick = False
+    finalists = sorted(((Fraction(q + overhead, p), -p) for p, q in ranked.items() if q is not None))
+    final: Optional[Tuple[Fraction, int]] = None
+    found: Dict[int, Tuple[int, bool]] = {}
+    for _, neg_p in finalists[:FINALISTS]:
+        p = -neg_p
+        before = wl.capped
+        proven = ranked[p]
+        assert proven is not None
+        # The quick test proved ``proven`` safe, so the exact search stays below it.
+        q = _min_budget(wl, p, None if model == "edp" else p, overhead, grid, proven)
+        found[p] = (proven, False) if q is None else (q, wl.capped == before)
+        if better(Fraction(q + overhead, p), p, final):
+            final = (Fraction(q + overhead, p), p)
+    assert final is not None
+    return final[1], found[final[1]][0], found[final[1]][1]
 
 
 def interface_for(tasks: Sequence[Task], *, vcpus: int, model: str = "edp",
@@ -352,10 +394,11 @@ def _server_for(vcpu: int, tasks: List[Task], model: str, period: Optional[int],
             d = period if deadline is None else deadline
             q = _min_budget(wl, period, d, overhead, grid)
             found = None if q is None else (period, q, d)
+            exact = wl.capped == 0
         else:
             q = _min_budget(wl, period, None, overhead, grid)
+            exact = wl.capped == 0
             found = None if q is None else (period, q, _max_deadline(wl, period, q, overhead, grid))
-        exact = wl.capped == 0
         full = (period, max(1, (deadline or period) - overhead), deadline or period)
     else:
         best = _search_period(wl, lo, hi, model, overhead, grid, steps)
@@ -365,9 +408,8 @@ def _server_for(vcpu: int, tasks: List[Task], model: str, period: Optional[int],
             found = (best[0], best[1], best[0])
             exact = best[2]
         else:
-            before = wl.capped
             found = (best[0], best[1], _max_deadline(wl, best[0], best[1], overhead, grid))
-            exact = best[2] and wl.capped == before
+            exact = best[2]
         full = (hi, max(1, hi - overhead), hi)
     if found is None:
         p, q, d = full

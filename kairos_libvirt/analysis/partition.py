@@ -11,6 +11,7 @@ must then really pin those tasks (``sched_setaffinity``): the result says
 """
 from __future__ import annotations
 
+import heapq
 from fractions import Fraction
 from typing import Dict, List, Sequence, Tuple
 
@@ -37,8 +38,10 @@ def partition(tasks: Sequence[Task], vcpus: int) -> Tuple[Dict[str, int], bool]:
             where[t.name] = t.vcpu
             load[t.vcpu] += t.utilisation
     free = sorted((t for t in tasks if t.vcpu is None), key=lambda t: (-t.utilisation, t.name))
+    heap = [(load[i], i) for i in range(vcpus)]  # least loaded first, lowest index on ties
+    heapq.heapify(heap)
     for t in free:
-        v = min(range(vcpus), key=lambda i: (load[i], i))
+        u, v = heapq.heappop(heap)
         where[t.name] = v
-        load[v] += t.utilisation
+        heapq.heappush(heap, (u + t.utilisation, v))
     return where, bool(free) and vcpus > 1

@@ -48,6 +48,9 @@ from .demand import utilisation
 from .model import Task, with_priorities
 from .supply import EDP, sbf, sbf_inverse
 
+#: The quick test checks deadlines exactly up to this many longest DL periods.
+TAIL_PERIODS = 10
+
 #: A necessary condition the failed server violates, monotone in the supply:
 #: ``witness(period, budget, deadline)`` is True for every schedulable server.
 #: The interface search uses it to jump over budgets that cannot work.
@@ -74,7 +77,7 @@ class Workload:
     #: exceeds the utilisation and the hyperperiod is huge.  Past the limit the
     #: verdict is "not proven" and the server counts as failing, so results stay
     #: safe but may not be minimal (the interface then says ``exact=False``).
-    max_work = 1_000_000
+    max_work = 300_000
     max_witnesses = 32
 
     def __init__(self, tasks: Sequence[Task]) -> None:
@@ -84,17 +87,28 @@ class Workload:
         fp = [t for t in tasks if t.scheduler == "fp"]
         self.dl: Tuple[Tuple[int, int, int], ...] = tuple(
             (t.runtime_ns, t.deadline_ns, t.period_ns) for t in dl)
+        self.dl_e = tuple((c, t - d, t) for c, d, t in self.dl)  # (C, T − D, T)
         self.dl_u = utilisation(dl)
         self.dl_slack = sum((Fraction((t.period_ns - t.deadline_ns) * t.runtime_ns, t.period_ns)
                              for t in dl), Fraction(0))
         self.dl_dmin = min((t.deadline_ns for t in dl), default=0)
+        self.dl_tmax = max((t.period_ns for t in dl), default=0)
         self.dl_h = math.lcm(*(t.period_ns for t in dl)) if dl else 0
         self.dl_dbf_h = sum(self.dl_h // t.period_ns * t.runtime_ns for t in dl)
         #: Deadlines (with their demand) that made some server fail, newest first.
         self.edf_witnesses: List[Tuple[int, int]] = []
+        #: Servers the DL tasks passed on (a proof does not expire).
+        self.edf_passed: set = set()
         #: Tests that hit ``max_steps`` (their verdict is a conservative "no").
         self.capped = 0
-        self.max_steps = max(1_000, self.max_work // max(1, len(dl)))
+        self.max_steps = 0
+        self.set_work(self.max_work)
+        #: Beyond :meth:`tail_for` the linear bounds often already prove the test,
+        #: and then only the deadlines below it are walked.  When they do not, the
+        #: exact test walks on from the full bound; with ``quick`` set it gives up
+        #: instead (a *sufficient* test: cheap, safe, may reject a schedulable
+        #: server).  The interface search ranks candidate periods with it.
+        self.quick = False
         self.u = utilisation(tasks)
         # Higher priority first: a failing high-priority task is found cheaply.
         fp.sort(key=lambda t: (-(t.priority or 0), t.deadline_ns, t.name))
@@ -103,6 +117,10 @@ class Workload:
             hp = tuple((o.runtime_ns, o.period_ns) for o in fp
                        if o is not t and (o.priority or 0) >= (t.priority or 0))
             self.fp.append((t.name, t.runtime_ns, t.deadline_ns, hp))
+
+    def set_work(self, work: int) -> None:
+        """Let each EDF test visit about ``work`` / (number of DL tasks) check points."""
+        self.max_steps = max(100, work // max(1, len(self.dl)))
 
     # -- EDF (SCHED_DEADLINE tasks) ------------------------------------------------
     def edf_bound(self, p: int, q: int, d: int) -> Optional[int]:
@@ -137,7 +155,8 @@ class Workload:
         """``None`` if the DL tasks pass, else ``(deadline, demand)`` with demand > sbf(deadline).
 
         ``(-1, -1)`` means a utilisation failure (U > α, or U = α with Θ < Δ);
-        ``(-2, -2)`` means not proven within ``max_steps`` check points (see :attr:`max_work`).
+        ``(-2, -2)`` means not proven within ``max_steps`` check points (see :attr:`max_work`);
+        ``(-3, -3)`` means the linear tail of the quick test failed (see :attr:`quick`).
         """
         if not self.dl:
             return None
@@ -151,24 +170,57 @@ class Workload:
             return (-1, -1)
         if self.dl_h <= bound and self.dl_dbf_h > sbf(self.dl_h, p, q, d):
             return self._remember(self.dl_h, self.dl_dbf_h)
-        dl, dmin = self.dl, self.dl_dmin
+        if (p, q, d) in self.edf_passed:
+            return None
+        tail = self.tail_for(p)
+        if bound > tail:
+            if self.tail_ok(p, q, d):
+                # The linear bounds cover every deadline beyond ``tail``; only the
+                # short walk below it is left (a proof either way).
+                bound = tail
+            elif self.quick:
+                return (-3, -3)
+        found = self._walk(p, q, d, bound)
+        if found is None:
+            self.edf_passed.add((p, q, d))
+        elif found == (-2, -2):
+            self.capped += 1
+        return found
+
+    def tail_for(self, p: int) -> int:
+        """Where the quick test switches from exact check points to the linear bounds."""
+        return TAIL_PERIODS * self.dl_tmax + p
+
+    def tail_ok(self, p: int, q: int, d: int) -> bool:
+        """dbf(t) <= Ut + Σ(T−D)C/T <= (Θ/Π)(t − B) <= sbf(t) for every t >= tail_for(p)?
+
+        Both lines are straight and U < α (checked before), so checking at
+        the tail point covers everything beyond it.
+        """
+        tail = self.tail_for(p)
+        return Fraction(q, p) * (tail - (p + d - 2 * q)) >= self.dl_u * tail + self.dl_slack
+
+    def _walk(self, p: int, q: int, d: int, bound: int) -> Tuple[int, int]:
+        """QPA-style walk down from ``bound``: a violation, (-2, -2) out of work, or None."""
+        dl_e, dmin = self.dl_e, self.dl_dmin
         off, blackout = d - q, p + d - 2 * q
         t = bound
         steps = self.max_steps
         while t >= dmin:
             steps -= 1
             if steps < 0:
-                self.capped += 1
                 return (-2, -2)
+            # dbf(t) and the latest deadline <= t in one pass.  With e = T − D,
+            # ⌊(t − D)/T⌋ + 1 = ⌊(t + e)/T⌋ >= 0 for every t >= 0 (D <= T), so no
+            # branch is needed; that job's deadline is j·T − e.
             h = 0
             last = 0
-            for c, dd, tt in dl:
-                if t >= dd:
-                    k = (t - dd) // tt
-                    h += (k + 1) * c
-                    x = k * tt + dd
-                    if x > last:
-                        last = x
+            for c, e, tt in dl_e:
+                j = (t + e) // tt
+                h += j * c
+                x = j * tt - e
+                if x > last:
+                    last = x
             # sbf(last), inlined for speed
             if last < off:
                 s = 0
@@ -180,7 +232,7 @@ class Workload:
                 return self._remember(last, h)
             k = (h - 1) // q
             t = blackout + k * p + (h - k * q) - 1  # sbf⁻¹(h) − 1
-        return None
+        return None  # type: ignore[return-value]
 
     def _remember(self, at: int, demand: int) -> Tuple[int, int]:
         w = self.edf_witnesses
@@ -221,8 +273,20 @@ class Workload:
             dn, dd = self.dl_u.numerator, self.dl_u.denominator
             return lambda p2, q2, d2: q2 * dd > p2 * dn or (q2 == d2 and q2 * dd >= p2 * dn)
         if bad == (-2, -2):
-            # Not proven: only a strictly stronger server can count as passing.
-            return lambda p2, q2, d2: q2 * p > q * p2 or (q2 * p == q * p2 and d2 < d)
+            # Not proven.  The walk is about proportional to 1/(α − U) (and to the
+            # blackout), so ask for twice the spare bandwidth, or for half the
+            # slack Δ − Θ when only the deadline moves; such a server is at least
+            # as strong, and the next test is about twice as cheap.
+            dn, dd = self.dl_u.numerator, self.dl_u.denominator
+            spare = 2 * q * dd - p * dn  # α2 >= 2α − U  ⇔  q2·p·dd >= (2q·dd − p·dn)·p2
+
+            def stronger(p2: int, q2: int, d2: int) -> bool:
+                if p2 == p and q2 == q:
+                    return d2 - q2 <= (d - q) // 2
+                return q2 * p * dd >= spare * p2 and (q2 * p > q * p2)
+            return stronger
+        if bad == (-3, -3):
+            return self.tail_ok
         if bad is not None:
             at, demand = bad
             return lambda p2, q2, d2: sbf(at, p2, q2, d2) >= demand
