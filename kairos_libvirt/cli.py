@@ -7,7 +7,7 @@ import sys
 from fractions import Fraction
 from typing import Callable, Dict, List, Optional
 
-from . import __version__, spec
+from . import STATE_NS, __version__, spec
 from . import config as _config
 from .errors import DeclarationError, KairosError, UnitError
 from .spec import Declaration, Introspection, VcpuSched
@@ -166,7 +166,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     except DeclarationError as exc:
         _err(f"{args.domain}: the declaration is invalid: {exc}")
         info = None
-    doc = status.collect(args.domain, info)
+    live = virt.get_metadata(dom, STATE_NS, live=True) if virt.is_active(dom) else None
+    doc = status.collect(args.domain, info, live=live)
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=False))
     else:

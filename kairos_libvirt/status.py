@@ -20,9 +20,16 @@ def _declared(s: Optional[VcpuSched]) -> Optional[Dict[str, Any]]:
             "period_ns": s.period_ns, "priority": s.priority}
 
 
-def collect(name: str, info: Optional[DomainInfo], cfg: Optional[_config.HostConfig] = None
-            ) -> Dict[str, Any]:
-    """Build the stable status document (see the README's JSON contract)."""
+def collect(name: str, info: Optional[DomainInfo], cfg: Optional[_config.HostConfig] = None,
+            live: Optional[str] = None) -> Dict[str, Any]:
+    """Build the stable status document (see the README's JSON contract).
+
+    ``live`` is the agent's published state (XML): it is where the guest
+    tasks and the analysed interfaces come from; enforced values never do.
+    """
+    from .state import from_xml
+    published = from_xml(live) if live else None
+    pub_vcpus = {v.vcpu: v for v in published.vcpus} if published else {}
     cfg = cfg or _config.load()
     pid = proc.qemu_pid(name)
     apid = agent_pid(cfg, name)
@@ -42,8 +49,14 @@ def collect(name: str, info: Optional[DomainInfo], cfg: Optional[_config.HostCon
             "period_ns": k.period_ns if k else None,
             "priority": k.priority if k else None,
             "declared": _declared(declared.get(vid)),
-            "source": "declared",
+            "source": pub_vcpus[vid].source if vid in pub_vcpus else "declared",
+            "interface": None,
         }
+        if vid in pub_vcpus and pub_vcpus[vid].interface:
+            b, p, d = pub_vcpus[vid].interface
+            row["interface"] = {"budget_ns": b, "period_ns": p, "deadline_ns": d}
+        if vid in pub_vcpus and pub_vcpus[vid].note:
+            row["note"] = pub_vcpus[vid].note
         if tid and pid and cgroup.rt_group_sched_available():
             d = cgroup.thread_cpu_cgroup(pid, tid)
             if d:
@@ -66,7 +79,14 @@ def collect(name: str, info: Optional[DomainInfo], cfg: Optional[_config.HostCon
                     "granted": {k: dict(v) for k, v in entry["granted"].items()}}
                    if entry else None),
         "vcpus": vcpus,
+        "guest_tasks": [{k: t.get(k) for k in GUEST_TASK_KEYS}
+                        for t in (published.tasks if published else [])],
+        "introspection": published.introspection if published else None,
     }
+
+
+GUEST_TASK_KEYS = ("key", "tid", "comm", "vcpu", "policy", "priority", "runtime_ns",
+                   "deadline_ns", "period_ns", "observed_period_ns")
 
 
 def _int_or_none(v: Optional[str]) -> Optional[int]:
@@ -96,6 +116,21 @@ def render_text(doc: Dict[str, Any]) -> str:
             if g and r["policy"] in ("fifo", "rr"):
                 etext += f" rt {g['runtime_us']}us/{g['period_us']}us"
         lines.append(f"{r['vcpu']:>4}  {r['tid'] or '-':>7}  {dtext:<34}  {etext}")
+    if doc.get("guest_tasks"):
+        lines.append("guest real-time tasks (found by introspection):")
+        for t in doc["guest_tasks"]:
+            who = f"tid {t['tid']} {t['comm']}" if t.get("tid") else t["key"]
+            params = (f"{format_ns(t['runtime_ns'] or 0)}/{format_ns(t['deadline_ns'] or 0)}/"
+                      f"{format_ns(t['period_ns'] or 0)}" if t["policy"] == "deadline"
+                      else f"prio {t['priority']}")
+            obs = (f", observed period {format_ns(t['observed_period_ns'])}"
+                   if t.get("observed_period_ns") else "")
+            lines.append(f"  {who}: {t['policy']} {params}{obs} (vCPU {t['vcpu']})")
+    i = doc.get("introspection")
+    if i:
+        lines.append(f"introspection: {i.get('backend')} {i.get('state')}"
+                     + (f", {i.get('hits')} traps" if i.get("hits") is not None else "")
+                     + (f" — {i['error']}" if i.get("error") else ""))
     return "\n".join(lines)
 
 

@@ -112,7 +112,7 @@ def _admit_one(args):
 
 def test_concurrent_admissions_are_atomic(ledger, tmp_path):
     names = [(str(tmp_path), f"d{i}") for i in range(8)]
-    with multiprocessing.get_context("fork").Pool(8) as pool:
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
         results = pool.map(_admit_one, names)
     # capacity 1.0, each 0.3: exactly three fit whatever the interleaving.
     assert sum(results) == 3
