@@ -20,13 +20,17 @@ that condition alone (cheap), and test again.  Every skipped Θ provably
 fails, so the result is the exact minimum on the budget grid.
 
 Period (and deadline) search: Π ranges over a geometric grid within
-``period_bounds`` and is then refined between the best point's neighbours;
-the objective is (Θ + overhead)/Π, i.e. bandwidth plus the per-period cost of
-switching the vCPU.  This is the best Π *on that grid*, not a proven global
-optimum (the minimal bandwidth is not monotone in Π).  With the EDP model the
-least Θ for a Π is reached with the tightest deadline Δ = Θ + overhead (sbf
-only improves as Δ shrinks); we then bisect for the largest Δ that keeps that
-Θ, so the host gets the loosest deadline at the least bandwidth.
+``period_bounds`` (plus the shortest deadline) and is then refined linearly
+between the best point's neighbours; the objective is (Θ + overhead)/Π, i.e.
+bandwidth plus the per-period cost of switching the vCPU, and the larger Π
+wins ties.  Candidates are ranked with the quick sufficient test (see
+:mod:`.schedulability`; safe budgets, maybe slightly large) and the best two
+are recomputed exactly.  This is the best Π *on that grid*, not a proven
+global optimum (the least bandwidth is not monotone in Π).  With the EDP model
+the least Θ for a Π is reached with the tightest deadline Δ = Θ + overhead
+(sbf only improves as Δ shrinks); we then bisect, with the quick test, for a
+larger Δ that keeps that Θ, so the host gets a looser deadline at the least
+bandwidth.
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ MODELS = ("edp", "prm")
 #: Work per EDF test while ranking candidate periods or loosening the deadline
 #: (see Workload.max_work); a test that runs out only costs a little bandwidth.
 SEARCH_WORK = 20_000
+UNLIMITED_WORK = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -202,11 +207,15 @@ def minimal_budget(tasks: Sequence[Task], *, period_ns: int, deadline_ns: Option
 
     Θ is a multiple of ``granularity_ns``, and Θ + overhead is at least 1024 ns
     and at most the deadline (SCHED_DEADLINE's rules).  None when even
-    Θ = deadline − overhead fails.
+    Θ = deadline − overhead fails.  No work limit applies here, so the answer
+    is always the least one; on a nanosecond grid with a huge hyperperiod and
+    Θ barely above UΠ that can take long (see :class:`.schedulability.Workload`).
     """
     deadline = period_ns if deadline_ns is None else deadline_ns
     _check_server_args(period_ns, deadline, overhead_ns, granularity_ns)
-    return _min_budget(Workload(tasks), period_ns, deadline, overhead_ns, granularity_ns)
+    wl = Workload(tasks)
+    wl.set_work(UNLIMITED_WORK)
+    return _min_budget(wl, period_ns, deadline, overhead_ns, granularity_ns)
 
 
 def _check_server_args(period: int, deadline: Optional[int], overhead: int, grid: int) -> None:
@@ -319,7 +328,7 @@ def interface_for(tasks: Sequence[Task], *, vcpus: int, model: str = "edp",
                   period_ns: Optional[int] = None, deadline_ns: Optional[int] = None,
                   overhead_ns: int = 0,
                   period_bounds: Optional[Tuple[int, int]] = None,
-                  granularity_ns: int = 1, period_steps: int = 24) -> GuestInterface:
+                  granularity_ns: int = 1000, period_steps: int = 24) -> GuestInterface:
     """Smallest safe per-vCPU servers for ``tasks`` on a guest with ``vcpus`` vCPUs.
 
     * ``model``: ``"edp"`` (deadline may be below the period) or ``"prm"``
@@ -330,8 +339,12 @@ def interface_for(tasks: Sequence[Task], *, vcpus: int, model: str = "edp",
       uses Δ = Π); with EDP and no fixed Δ the loosest Δ at the least Θ is chosen.
     * ``overhead_ns``: cost of switching the vCPU once per period; it is added
       to the runtime and to the objective (Θ + overhead)/Π.
-    * ``granularity_ns``: budgets, periods and deadlines are multiples of it
-      (1000 gives whole microseconds).
+    * ``granularity_ns``: budgets, periods and deadlines are multiples of it.
+      The default, whole microseconds, is finer than SCHED_DEADLINE enforces
+      in practice and keeps the search fast: on a 1 ns grid the least budget
+      can sit a few ns above UΠ, where the exact test must look hundreds of
+      seconds ahead (results then often say ``exact=False``).
+    * ``period_steps``: points of the coarse geometric period grid.
     Tasks without a vCPU are partitioned (:mod:`.partition`); fp tasks without
     priorities get deadline-monotonic ones.
     """

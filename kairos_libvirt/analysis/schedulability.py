@@ -5,29 +5,31 @@ SCHED_FIFO/RR.  So
 
 * the DL ("edf") tasks are scheduled by EDF on the full server supply and
   pass iff dbf(t) <= sbf(t) at every absolute deadline t up to a bound L
-  (Shin & Lee 2003, Easwaran et al. 2007); and
+  (Shin & Lee, RTSS 2003; Easwaran, Anand & Lee, RTSS 2007); and
 * each RT ("fp") task i passes iff some t <= D_i has
   C_i + Σ_{hp} ⌈t/T_j⌉C_j + Σ_{DL} W_k(t) <= sbf(t): the DL tasks are
-  higher-priority interference bounded by their workload W_k (jobs may run
-  anywhere up to their deadlines, see :func:`.demand.workload`), and
+  higher-priority interference bounded by their workload W_k (their jobs may
+  run anywhere up to their deadlines, see :func:`.demand.workload`), and
   fixed-priority tasks of equal priority count as higher priority (FIFO/RR
-  ties can only delay us).  The least such t is the response time, found
-  by the fixed point R = sbf⁻¹(rbf_i(R)) (Almeida & Pedreiras 2004 style
-  response-time analysis on a supply bound).
+  ties can only delay us).  The least such t is the response time, found by
+  the fixed point R = sbf⁻¹(rbf_i(R)) (response-time analysis on a supply
+  bound: Shin & Lee 2003; Almeida & Pedreiras, EMSOFT 2004).
 
-The check-point bound L for EDF (all integers):
+The check-point bound L for EDF (all integers; U = Σ C/T, α = Θ/Π):
 
-* If U < α = Θ/Π: dbf(t) <= Ut + Σ(T−D)C/T and sbf(t) >= α(t − B) with
-  blackout B = Π + Δ − 2Θ, so no deadline beyond
+* U > α: unschedulable, the demand outgrows the supply.
+* U = α and Θ < Δ: unschedulable.  sbf(t) <= α(t − (Δ − Θ)) < αt, and at any
+  common multiple H of the periods dbf(H) = UH = αH (D <= T), so dbf(H) > sbf(H).
+* U < α: dbf(t) <= Ut + Σ(T−D)C/T and sbf(t) >= α(t − B) with blackout
+  B = Π + Δ − 2Θ, so no deadline beyond
   L = ⌊(Θ·B + Π·Σ(T−D)C/T) / (Θ − Π·U)⌋ can fail.
-* If U = α and Θ < Δ: unschedulable.  sbf(t) <= α(t − (Δ − Θ)) < αt, and at
-  t = any common multiple H of the periods dbf(H) = UH = αH > sbf(H).
-* If U = α and Θ = Δ: take any W > 0 with Σ⌈W/T⌉C <= sbf(W) (it exists: the
-  hyperperiod of the tasks and Π works).  Jobs released in [0, W) need at most
-  sbf(W), later ones at most dbf(t − W), and sbf is superadditive, so
-  dbf(t) <= sbf(W) + sbf(t − W) <= sbf(t) for t > W by induction.  We find the
-  least W by the fixed point W = sbf⁻¹(rbf(W)).
-* If U > α: unschedulable (the demand outgrows the supply).
+* Any W > 0 with Σ⌈W/T⌉C <= sbf(W) is a bound too: jobs released in [0, W)
+  need at most sbf(W), later ones at most dbf(t − W), and sbf is
+  superadditive, so dbf(t) <= sbf(W) + sbf(t − W) <= sbf(t) for t > W by
+  induction.  The hyperperiod H of the tasks qualifies iff dbf(H) <= sbf(H)
+  (rbf(H) = dbf(H) = UH), so L = min(L, H) — and if dbf(H) > sbf(H) that is
+  the violation.  For U = α with Θ = Δ we use the least such W, the fixed
+  point W = sbf⁻¹(rbf(W)) (it exists: lcm(H, Π) satisfies the condition).
 
 Deadlines up to L are not enumerated: we walk down from L as QPA does
 (Zhang & Burns, "Schedulability analysis for real-time systems with EDF
@@ -36,13 +38,19 @@ d <= t, then every t' in [sbf⁻¹(dbf(d)), t] is fine too (dbf is flat from d
 to t, sbf non-decreasing), so we jump to sbf⁻¹(dbf(d)) − 1.  Each step
 passes at least one deadline, so the walk ends, and it checks exactly the
 condition above.
+
+Cost: L grows like 1/(α − U).  Before walking from L we try the linear bounds
+at a nearer point L' (ten longest periods): if Ut + Σ(T−D)C/T <= α(t − B)
+already holds at L', it holds beyond, and only deadlines up to L' are walked
+— still a proof.  Otherwise the exact walk goes on from L, within a work
+limit; past it the verdict is "not proven", counted as a failure (safe).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from .demand import utilisation
 from .model import Task, with_priorities
@@ -98,7 +106,7 @@ class Workload:
         #: Deadlines (with their demand) that made some server fail, newest first.
         self.edf_witnesses: List[Tuple[int, int]] = []
         #: Servers the DL tasks passed on (a proof does not expire).
-        self.edf_passed: set = set()
+        self.edf_passed: Set[Tuple[int, int, int]] = set()
         #: Tests that hit ``max_steps`` (their verdict is a conservative "no").
         self.capped = 0
         self.max_steps = 0
