@@ -280,7 +280,8 @@ static void kairos_record(struct kairos_vm *vm, struct kvm_vcpu *vcpu, unsigned 
 		h->overflow++;
 	} else {
 		ev.seq = vm->head;
-		memcpy((u8 *)h + h->data_offset + (vm->head & (ring->nr - 1)) * sizeof(ev), &ev, sizeof(ev));
+		/* the header page is writable by the reader: never take an offset or size from it */
+		memcpy((u8 *)h + PAGE_SIZE + (vm->head & (ring->nr - 1)) * sizeof(ev), &ev, sizeof(ev));
 		smp_wmb();	/* the slot before head */
 		vm->head++;
 		WRITE_ONCE(h->head, vm->head);

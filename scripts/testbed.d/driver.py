@@ -63,6 +63,31 @@ class Console:
             time.sleep(0.05)
 
 
+class Qmp:
+    """Just enough QMP for stop/cont."""
+
+    def __init__(self, path: str) -> None:
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.connect(path)
+        self.f = self.s.makefile("rw")
+        json.loads(self.f.readline())          # greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str) -> dict:
+        self.f.write(json.dumps({"execute": name}) + "\n")
+        self.f.flush()
+        while True:
+            r = json.loads(self.f.readline())
+            if "return" in r or "error" in r:
+                if "error" in r:
+                    raise RuntimeError(f"QMP {name}: {r['error']}")
+                return r["return"]
+
+    def close(self) -> None:
+        self.f.close()
+        self.s.close()
+
+
 def hexb(b: bytes) -> str:
     return b.hex()
 
@@ -80,8 +105,8 @@ def main() -> int:
     t0 = now()
     work = "/tmp/kt"
     os.makedirs(work, exist_ok=True)
-    log, sock, mem = f"{work}/l2.log", f"{work}/l2ctl.sock", f"{work}/l2mem"
-    for p in (log, sock, mem):
+    log, sock, mem, qmp_sock = f"{work}/l2.log", f"{work}/l2ctl.sock", f"{work}/l2mem", f"{work}/qmp.sock"
+    for p in (log, sock, mem, qmp_sock):
         if os.path.exists(p):
             os.unlink(p)
     res["kvm_amd"] = {}
@@ -100,6 +125,7 @@ def main() -> int:
            "-machine", "pc,memory-backend=ram", "-nodefaults", "-no-user-config", "-display", "none",
            "-no-reboot", "-chardev", f"file,id=con,path={log}", "-serial", "chardev:con",
            "-chardev", f"socket,id=ctl,path={sock},server=on,wait=off", "-serial", "chardev:ctl",
+           "-qmp", f"unix:{qmp_sock},server=on,wait=off",
            "-kernel", a.vmlinuz, "-initrd", a.initrd, "-append", append]
     res["l2_cmd"] = cmd
     qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=open(f"{work}/qemu.out", "w"),
@@ -257,10 +283,24 @@ def main() -> int:
         ud.read_events()
         res["toggle"] = {"toggles": toggles, "seconds": round(dt, 2), "stale": c6.stale - c5.stale,
                          "hits": c6.trap_hits[1] - c5.trap_hits[1],
-                         "rtprog_done": len(re.findall(r"getpid-loop calls=20000 ", con.text)) == 3,
+                         "rtprog_done": bool(re.search(r"getpid-loop calls=50000 ", con.text)),
                          "guest_oops": bool(re.search(r"invalid opcode|Oops|BUG:|Kernel panic", con.text)),
                          "armed_after": hexb(ud.peek(traps[1].gva, 5)[0])}
         c5 = c6
+
+        # -- a paused VM: no vCPU thread comes by, the op times out and is cancelled -------------------
+        q = Qmp(qmp_sock)
+        q.cmd("stop")
+        t1 = now()
+        try:
+            ud.peek(traps[1].gva, 5, timeout_ms=300)
+            paused = {"result": "done while paused"}
+        except kvmud.KvmUdError as e:
+            paused = {"errno": e.errno, "waited_ms": round((now() - t1) * 1000)}
+        q.cmd("cont")
+        paused["peek_after_cont"] = hexb(ud.peek(traps[1].gva, 5)[0])
+        q.close()
+        res["paused"] = paused
 
         # -- shutdown with both sites armed: the kernel restores them as QEMU's memory goes away -----
         gpas = {name: s["gpa"] for name, s in sites.items()}
