@@ -29,7 +29,6 @@ import os
 import platform
 import select
 import struct
-import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -410,7 +409,12 @@ class KvmUd:
         self.vm_fd = vm_fd
         self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if eventfd else -1
         a = SetupArgs(eventfd=self.efd, nr_events=nr_events)
-        self._ioctl("KAIROS_UD_SETUP", KAIROS_UD_SETUP, a)
+        try:
+            self._ioctl("KAIROS_UD_SETUP", KAIROS_UD_SETUP, a)
+        except BaseException:
+            if self.efd >= 0:
+                os.close(self.efd)
+            raise
         if a.api_version != API_VERSION:
             raise KvmUdError("KAIROS_UD_SETUP", f"kernel API {a.api_version}, this package {API_VERSION}")
         self.ring_fd = a.ring_fd
@@ -540,13 +544,3 @@ class KvmUd:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def wait_for(pred, timeout: float, interval: float = 0.05):
-    """Poll ``pred()`` until it returns a true value or ``timeout`` seconds pass (returns the value)."""
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() >= end:
-            return v
-        time.sleep(interval)

@@ -322,7 +322,6 @@ def main() -> int:
             res["shutdown"]["file_after"] = {n: f.seek(g) is not None and f.read(5).hex() for n, g in gpas.items()}
         ud.close()
         ud = None
-        c = kvmud.RingCounters  # noqa: F841 - documented type of the counters above
         res["final_counters"] = {k: getattr(c5, k) for k in ("hits", "recorded", "rate_dropped", "overflow",
                                                               "fetch_faults", "stale")}
     except Exception:

@@ -308,5 +308,8 @@ def test_pidfd_getfd_copies_our_own_fd() -> None:
 
 def test_setup_on_a_non_kvm_fd_is_a_clear_error(tmp_path: Path) -> None:
     with open(tmp_path / "f", "w+") as f:
-        with pytest.raises(KvmUdError, match="KAIROS_UD_SETUP"):
+        with pytest.raises(KvmUdError, match="KAIROS_UD_SETUP") as ei:
             kvmud.KvmUd(os.dup(f.fileno()))
+    assert ei.value.errno == 25                     # ENOTTY: not a KVM VM fd
+    if not kvmud.patched_kvm_loaded():
+        assert "load the kairos-patched kvm modules" in str(ei.value)
