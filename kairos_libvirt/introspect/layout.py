@@ -59,6 +59,10 @@ class TaskLayout:
     tgid: int    #: ``pid_t tgid`` (the process id)
     comm: int    #: ``char comm[TASK_COMM_LEN]``
 
+    def __repr__(self) -> str:
+        return (f"TaskLayout(tasks={self.tasks:#x}, pid={self.pid:#x}, tgid={self.tgid:#x}, "
+                f"comm={self.comm:#x})")
+
     def span(self) -> Tuple[int, int]:
         """(first byte, length) covering pid, tgid and comm: one read per task."""
         lo = min(self.pid, self.tgid, self.comm)

@@ -1,0 +1,173 @@
+"""Guest-kernel symbols against a real guest: the project's test guest (Debian 6.1,
+KASLR on) booted with plain ``qemu-system-x86_64 -accel tcg`` and read through
+its gdbstub with our RSP client.  Ground truth: the ``KAIROS-GUEST KSYM`` lines
+the guest's /init prints from its own /proc/kallsyms.
+
+Timings are printed (``pytest -s``) and kept as test properties.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from typing import Callable, Dict, Iterator
+
+import pytest
+
+from kairos_libvirt.introspect import kallsyms
+from kairos_libvirt.introspect.layout import current_task, discover_layout, percpu_base, task_ident, task_list
+from kairos_libvirt.introspect.rsp.client import RspClient
+from kairos_libvirt.introspect.symbols import GuestSymbols, fentry_site, find_slide
+from tests.conftest import skip_or_fail
+
+pytestmark = pytest.mark.kernel
+
+GUEST = os.environ.get("KAIROS_GUEST_DIR", "/var/lib/kairos/guest")
+KSYMS = ["__x64_sys_sched_setattr", "linux_banner", "init_task", "__x64_sys_clock_nanosleep", "_text",
+         "current_task"]
+BOOT_TIMEOUT = 90.0
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Guest:
+    def __init__(self, workdir: str) -> None:
+        self.vmlinuz = os.path.join(GUEST, "vmlinuz")
+        self.serial = os.path.join(workdir, "serial.log")
+        self.gdb = os.path.join(workdir, "gdb.sock")
+        self.cache = os.path.join(workdir, "ksyms")
+        self.proc: "subprocess.Popen[bytes]"
+        self.ksyms: Dict[str, int] = {}
+        self.client: RspClient
+        self.times: Dict[str, float] = {}
+
+    def console(self) -> str:
+        try:
+            with open(self.serial, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def read(self, addr: int, n: int) -> bytes:
+        return self.client.read_memory(addr, n)
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory) -> Iterator[Guest]:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        skip_or_fail("kernel", "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    for f in ("vmlinuz", "initrd.img"):
+        if not os.path.exists(os.path.join(GUEST, f)):
+            skip_or_fail("kernel", f"no test guest in {GUEST} ({f} missing): run sudo guest/build")
+    g = Guest(str(tmp_path_factory.mktemp("guest")))
+    cmd = [qemu, "-accel", "tcg", "-m", "256", "-smp", "1", "-display", "none", "-monitor", "none",
+           "-no-reboot", "-kernel", g.vmlinuz, "-initrd", os.path.join(GUEST, "initrd.img"),
+           "-append", f"console=ttyS0 quiet panic=-1 kairos.heartbeat=0 kairos.ksyms={','.join(KSYMS)}",
+           "-serial", f"file:{g.serial}", "-gdb", f"unix:{g.gdb},server=on,wait=off"]
+    t0 = time.monotonic()
+    g.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "KAIROS-GUEST READY" in g.console() or g.proc.poll() is not None,
+                   BOOT_TIMEOUT, "the guest's READY line")
+        if g.proc.poll() is not None:
+            out = g.proc.stdout.read().decode(errors="replace") if g.proc.stdout else ""
+            pytest.fail(f"qemu exited with {g.proc.returncode}: {out[-2000:]}")
+        g.times["boot to READY"] = time.monotonic() - t0
+        for m in re.finditer(r"KAIROS-GUEST KSYM (\S+) ([0-9a-f]+)", g.console()):
+            g.ksyms[m.group(1)] = int(m.group(2), 16)
+        assert set(g.ksyms) == set(KSYMS), g.console()[-3000:]
+        g.client = RspClient.connect_unix(g.gdb)     # pauses the guest: a consistent view
+        try:
+            yield g
+        finally:
+            g.client.detach()
+            g.client.close()
+    finally:
+        g.proc.terminate()
+        try:
+            g.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            g.proc.kill()
+            g.proc.wait(10)
+        if g.times:
+            print("\nguest-symbol timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in g.times.items()))
+
+
+def timed(g: Guest, what: str, fn: Callable, *args, **kw):
+    t = time.monotonic()
+    out = fn(*args, **kw)
+    g.times[what] = time.monotonic() - t
+    return out
+
+
+@pytest.fixture(scope="module")
+def from_vmlinuz(guest: Guest) -> GuestSymbols:
+    return timed(guest, "vmlinuz recovery (cache miss)", kallsyms.load_vmlinuz, guest.vmlinuz, guest.cache)
+
+
+def test_vmlinuz_symbols_and_slide_match_the_guest(guest, from_vmlinuz, record_property):
+    syms = from_vmlinuz
+    assert len(syms) > 50000 and syms.banner.startswith("Linux version 6.")
+    assert syms.build_id and len(syms.build_id) == 40
+    slide = timed(guest, "slide detection", find_slide, guest.read, syms)
+    assert slide % 0x200000 == 0
+    assert slide == guest.ksyms["_text"] - syms.address("_text")
+    for name, want in guest.ksyms.items():
+        assert syms.resolve(name, slide) == want, name
+    assert syms.resolve("current_task", slide) == syms.address("current_task")  # per-CPU: not slid
+    cached = timed(guest, "vmlinuz cache hit", kallsyms.load_vmlinuz, guest.vmlinuz, guest.cache)
+    assert "(cached)" in cached.source and cached.names == syms.names
+    assert list(cached.addresses) == list(syms.addresses) and cached.types == syms.types
+    assert guest.times["vmlinuz cache hit"] < 1.0
+    for k, v in guest.times.items():
+        record_property(k, round(v, 3))
+
+
+def test_memory_symbols_equal_vmlinuz_symbols(guest, from_vmlinuz, tmp_path):
+    mem = timed(guest, "memory recovery", kallsyms.recover_from_memory, guest.read)
+    assert mem.banner == from_vmlinuz.banner
+    assert mem.names == from_vmlinuz.names and mem.types == from_vmlinuz.types
+    assert list(mem.addresses) == list(from_vmlinuz.addresses)
+    kallsyms.SymbolCache(str(tmp_path)).put(mem)
+    again = timed(guest, "memory cache hit", kallsyms.load_from_memory, guest.read, str(tmp_path))
+    assert "(cached)" in again.source and list(again.addresses) == list(mem.addresses)
+
+
+def test_fentry_nop_at_syscall_entries(guest, from_vmlinuz):
+    rt = from_vmlinuz.runtime(find_slide(guest.read, from_vmlinuz))
+    for name in ("__x64_sys_sched_setattr", "__x64_sys_clock_nanosleep"):
+        addr = rt.resolve(name)
+        assert fentry_site(guest.read, addr) == addr   # Debian 6.1: no endbr64 in front
+        assert guest.read(addr, 5) == bytes.fromhex("0f1f440000")
+
+
+def test_task_layout_and_current_task(guest, from_vmlinuz, record_property):
+    rt = from_vmlinuz.runtime(find_slide(guest.read, from_vmlinuz))
+    layout = timed(guest, "task layout discovery", discover_layout, guest.read, rt)
+    print(f"\ntask_struct offsets: {layout}")
+    tasks = task_list(guest.read, rt, layout)
+    idents = {tid: comm for _, tid, tgid, comm in tasks if tid == tgid}
+    assert idents[0] == "swapper/0" and idents[1] == "init" and idents[2] == "kthreadd"
+    assert any(comm == "acpid" for comm in idents.values())       # started by /init before READY
+    init_addr = next(t for t, tid, _, _ in tasks if tid == 1)
+    assert task_ident(guest.read, init_addr, layout) == (1, 1, "init")
+    regs = guest.client.read_registers()
+    base0 = percpu_base(guest.read, rt, 0)
+    if regs["cs"] & 3 == 0:              # stopped in kernel mode: GS is the per-CPU base
+        assert regs["gs_base"] == base0
+        gs = regs["gs_base"]
+    else:
+        gs = base0
+    cur = current_task(guest.read, gs, rt)
+    tid, tgid, comm = task_ident(guest.read, cur, layout)
+    assert cur in {t for t, _, _, _ in tasks} or comm.startswith("swapper/") or tid != tgid
+    record_property("task_layout", repr(layout))
