@@ -110,16 +110,21 @@ def _port(text: str) -> int:
 # --------------------------------------------------------------------------
 # install-units
 
-def units_dir() -> str:
-    """The ``systemd/`` directory shipped next to the package (a checkout or an
-    editable install)."""
+def unit_dirs() -> List[str]:
+    """Where the unit files may be: ``systemd/`` of a checkout (or an editable
+    install), then ``PREFIX/share/kairos-libvirt/systemd`` (a wheel's data files)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.normpath(os.path.join(here, os.pardir, "systemd"))
-    if not os.path.isfile(os.path.join(path, UNIT_NAME)):
-        raise KairosError(f"{path}/{UNIT_NAME} is missing: install-units needs the systemd/ "
-                          "directory of the kairos-libvirt source tree (run it from a "
-                          "checkout or an editable install)")
-    return path
+    return [os.path.normpath(os.path.join(here, os.pardir, "systemd")),
+            os.path.join(sys.prefix, "share", "kairos-libvirt", "systemd")]
+
+
+def units_dir() -> str:
+    for path in unit_dirs():
+        if os.path.isfile(os.path.join(path, UNIT_NAME)):
+            return path
+    raise KairosError(f"{UNIT_NAME} is in none of {', '.join(unit_dirs())}: install-units needs "
+                      "the systemd/ directory of the kairos-libvirt source tree (run it from a "
+                      "checkout or an editable install)")
 
 
 def installed_agent() -> str:

@@ -282,6 +282,15 @@ def test_install_units_without_the_source_tree(monkeypatch):
         ops_cli.units_dir()
 
 
+def test_units_from_an_installed_prefix(monkeypatch, tmp_path):
+    shared = tmp_path / "share" / "kairos-libvirt" / "systemd"
+    shared.mkdir(parents=True)
+    (shared / ops_cli.UNIT_NAME).write_text("[Service]\n")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(ops_cli, "__file__", str(tmp_path / "lib" / "kairos_libvirt" / "x.py"))
+    assert ops_cli.units_dir() == str(shared)
+
+
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not "
                     "installed (the INI tests above still run)")
 def test_rendered_unit_passes_systemd_analyze_verify(tmp_path):
