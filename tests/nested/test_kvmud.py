@@ -146,6 +146,19 @@ def test_arm_disarm_while_the_guest_calls_the_site(run: dict) -> None:
     assert t["hits"] > 0                           # it trapped in the armed windows
 
 
+def test_traps_stay_in_the_kernel(run: dict) -> None:
+    """Over the armed getpid loop, L1's KVM saw one exit per call but no userspace exits
+    (I/O, MMIO) and no instruction emulation in proportion: the #UD was handled in the kernel."""
+    b = run["bench"]
+    st = b["kvm_stats_armed"]
+    if not st:
+        pytest.skip("no debugfs KVM counters in L1")
+    assert st["exits"] >= b["calls"]
+    # the #UD path through userspace or the emulator would count one per call; timers etc. make some
+    assert st["io_exits"] + st["mmio_exits"] < b["calls"] // 2
+    assert st["insn_emulation"] < b["calls"] // 2
+
+
 def test_op_on_a_paused_vm_times_out_and_is_cancelled(run: dict) -> None:
     p = run["paused"]
     assert p.get("errno") == 110, p               # ETIMEDOUT: nothing was done
