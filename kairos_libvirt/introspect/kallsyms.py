@@ -58,7 +58,7 @@ import tempfile
 import zlib
 from array import array
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from kairos_libvirt.introspect.symbols import (
     KASLR_ALIGN, KERNEL_MAP_END, KERNEL_MAP_START, LINK_TEXT, GuestSymbols, Reader, SymbolError,
@@ -83,11 +83,11 @@ MAX_ENTRY = 2 + 512                # one compressed name with its length (KSYM_N
 MAX_VMLINUX = 512 << 20            # decompressed vmlinux
 MAX_VMLINUZ = 256 << 20
 MAX_BANNER = 512
-SCAN_LIMIT = 256 << 20             # bytes of the kernel map scanned for the token table
+SCAN_LIMIT = 128 << 20             # bytes of the kernel map scanned for the token table
 MAX_CANDIDATES = 256               # "0\01\0...9\0" look-alikes examined before giving up
 MAX_TOKEN_TABLES = 4               # valid-looking token tables searched for the other tables
 MAX_MARKER_CANDIDATES = 64         # kallsyms_markers look-alikes checked per token table
-READ_BUDGET = 512 << 20            # bytes a memory recovery may ask the reader for
+READ_BUDGET = 192 << 20            # bytes a memory recovery may ask the reader for
 MAX_HOLE = 16 << 20                # unreadable bytes in a row that end the scan of the image
 
 _DIGITS = b"".join(bytes([c]) + b"\0" for c in b"0123456789")
@@ -122,10 +122,10 @@ class _Image:
         return struct.unpack(f"<{n}H", self.get(addr, 2 * n))
 
     def u32(self, addr: int) -> int:
-        return struct.unpack("<I", self.get(addr, 4))[0]
+        return int.from_bytes(self.get(addr, 4), "little")
 
     def u64(self, addr: int) -> int:
-        return struct.unpack("<Q", self.get(addr, 8))[0]
+        return int.from_bytes(self.get(addr, 8), "little")
 
     def cstrings(self, addr: int, count: int, maxlen: int) -> Tuple[List[bytes], int]:
         """*count* NUL-terminated strings from *addr*, each at most *maxlen* bytes; and the end."""
@@ -881,7 +881,7 @@ class SymbolCache:
                 os.unlink(tmp)
             raise
 
-    def entries(self) -> List[dict]:
+    def entries(self) -> List[Dict[str, Any]]:
         """The header of every entry (newest first, at most 64)."""
         if not self._dir_ok(create=False):
             return []
@@ -952,7 +952,7 @@ def _format_entry(syms: GuestSymbols) -> bytes:
     return (json.dumps(head, sort_keys=True) + "\n" + json.dumps(body) + "\n").encode("ascii")
 
 
-def _parse_header(raw: Optional[bytes]) -> Optional[dict]:
+def _parse_header(raw: Optional[bytes]) -> Optional[Dict[str, Any]]:
     if not raw:
         return None
     line = raw.split(b"\n", 1)[0]

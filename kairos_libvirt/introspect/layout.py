@@ -75,7 +75,7 @@ def _kptr(v: int) -> bool:
 
 
 def _u64(read: Reader, addr: int, what: str) -> int:
-    return struct.unpack("<Q", read_exact(read, addr, 8, what))[0]
+    return int.from_bytes(read_exact(read, addr, 8, what), "little")
 
 
 def _comm(raw: bytes) -> Optional[str]:
