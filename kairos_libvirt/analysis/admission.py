@@ -34,7 +34,8 @@ class Reservation:
     name: str
     runtime_ns: int
     period_ns: int
-    deadline_ns: Optional[int] = None
+    #: None on input means "= period"; after construction it is always an int.
+    deadline_ns: int = None  # type: ignore[assignment]
     cpu: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -91,8 +92,8 @@ class AdmissionReport:
     cpus: Tuple[CpuLoad, ...]
 
 
-def _f(x: Fraction) -> str:
-    return format_fraction(x)
+def _f(x: Optional[Fraction]) -> str:
+    return "none" if x is None else format_fraction(x)
 
 
 def check_admission(reservations: Sequence[Reservation], *, cpus: Sequence[int],
@@ -162,7 +163,7 @@ def _deadlines_met(mine: List[Reservation], have: Fraction) -> bool:
     if have == 0:
         tasks = [Task(r.name, r.runtime_ns, r.period_ns, r.deadline_ns) for r in mine]
         return edf_schedulable(tasks, dedicated())
-    density = sum((Fraction(r.runtime_ns, r.deadline_ns or r.period_ns) for r in mine), Fraction(0))
+    density = sum((Fraction(r.runtime_ns, r.deadline_ns) for r in mine), Fraction(0))
     return have + density <= 1
 
 

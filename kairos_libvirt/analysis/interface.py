@@ -315,11 +315,14 @@ def _search_period(wl: Workload, lo: int, hi: int, model: str, overhead: int, gr
         before = wl.capped
         proven = ranked[p]
         assert proven is not None
-        # The quick test proved ``proven`` safe, so the exact search stays below it.
+        # The quick test proved ``proven`` safe (and that proof is remembered),
+        # so the exact search finds it or a smaller budget.
         q = _min_budget(wl, p, None if model == "edp" else p, overhead, grid, proven)
-        found[p] = (proven, False) if q is None else (q, wl.capped == before)
-        if better(Fraction(q + overhead, p), p, final):
-            final = (Fraction(q + overhead, p), p)
+        assert q is not None and q <= proven
+        found[p] = (q, wl.capped == before)
+        cost = Fraction(q + overhead, p)
+        if better(cost, p, final):
+            final = (cost, p)
     assert final is not None
     return final[1], found[final[1]][0], found[final[1]][1]
 

@@ -45,7 +45,8 @@ class Task:
     name: str
     runtime_ns: int
     period_ns: int
-    deadline_ns: Optional[int] = None
+    #: None on input means "= period"; after construction it is always an int.
+    deadline_ns: int = None  # type: ignore[assignment]
     priority: Optional[int] = None
     vcpu: Optional[int] = None
     scheduler: str = "edf"

@@ -300,7 +300,9 @@ class Workload:
             return lambda p2, q2, d2: sbf(at, p2, q2, d2) >= demand
         for i in range(len(self.fp)):
             if self.fp_response(i, p, q, d) is None:
-                return lambda p2, q2, d2, i=i: self.fp_response(i, p2, q2, d2) is not None
+                def task_passes(p2: int, q2: int, d2: int, i: int = i) -> bool:
+                    return self.fp_response(i, p2, q2, d2) is not None
+                return task_passes
         return None
 
     def verdict(self, supply: EDP) -> Verdict:

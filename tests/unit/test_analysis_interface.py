@@ -1,7 +1,6 @@
 """Minimal interfaces: least budgets, period/deadline search, partitioning, overhead."""
 from __future__ import annotations
 
-from dataclasses import replace
 from fractions import Fraction
 
 import pytest

@@ -1,7 +1,6 @@
 """Demand functions and the exact EDF / fixed-priority tests, on textbook task sets."""
 from __future__ import annotations
 
-from dataclasses import replace
 from fractions import Fraction
 
 import pytest

@@ -19,8 +19,7 @@ import math
 from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
-import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kairos_libvirt.analysis import (EDP, Task, edf_schedulable, fp_response_times, interface_for,
