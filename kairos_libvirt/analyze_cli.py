@@ -51,8 +51,13 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=("prm", "edp"), default="edp",
                         help="supply model: edp lets the deadline drop below the period "
                              "(default), prm keeps deadline = period")
-    parser.add_argument("--period", metavar="P", help="fix the server period (e.g. 1ms)")
-    parser.add_argument("--deadline", metavar="D", help="fix the server deadline (edp, needs --period)")
+    parser.add_argument("--period", metavar="P",
+                        help="fix the server period (e.g. 1ms); budget_us is then the least "
+                             "whole-microsecond budget for it")
+    parser.add_argument("--deadline", metavar="D",
+                        help="fix the server deadline too (edp; needs --period).  Without it "
+                             "prm uses the period and edp picks a loose deadline that keeps "
+                             "the least budget")
     parser.add_argument("--overhead", metavar="O", default="0",
                         help="cost of switching a vCPU, added once per period (default 0)")
     parser.add_argument("--period-min", metavar="P", help="lower end of the period search (default 100us)")
