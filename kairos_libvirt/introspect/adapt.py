@@ -1,10 +1,13 @@
 """From the guest task model to per-vCPU reservations, never above the ceiling (pure).
 
-While the guest has known real-time tasks, each declared vCPU gets the
-smallest server the hierarchical analysis finds for them (EDP: the deadline
-may be shorter than the period, which SCHED_DEADLINE expresses directly);
-a vCPU with no such task goes back to its declared reservation.  A demand
-above the admin's ceiling is capped and reported, never granted.
+The admin's declaration is the floor and the ceiling the cap: while the
+guest has known real-time tasks, a vCPU whose analysed server (the smallest
+one the hierarchical analysis finds for them; EDP: the deadline may be
+shorter than the period, which SCHED_DEADLINE expresses directly) needs more
+bandwidth than declared gets that server; otherwise, and when the tasks are
+gone, it keeps its declared reservation (the guest's own kernel and non-RT
+work live in it).  A demand above the ceiling is capped and reported, never
+granted.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ def adapt(model: TaskModel, declared: Mapping[int, VcpuSched],
     vids = sorted(declared)
     out = {v: Adapted(v, declared[v], "declared") for v in vids}
     tasks: List[analysis.Task] = []
+    index = {v: i for i, v in enumerate(vids)}
     for t in model.rt_tasks():
         d = t.demand()
         if d is None:
@@ -50,6 +54,9 @@ def adapt(model: TaskModel, declared: Mapping[int, VcpuSched],
         tasks.append(analysis.Task(name=t.key, runtime_ns=runtime, deadline_ns=deadline,
                                    period_ns=period,
                                    priority=t.priority if t.policy in ("fifo", "rr") else None,
+                                   # The vCPU the task was last seen on gets its budget
+                                   # (the guest may migrate it: the next event moves it).
+                                   vcpu=index.get(t.vcpu) if t.vcpu is not None else None,
                                    scheduler="edf" if t.policy == "deadline" else "fp"))
     if not tasks or not vids:
         return out
@@ -79,6 +86,11 @@ def adapt(model: TaskModel, declared: Mapping[int, VcpuSched],
         runtime = max(runtime, 1024)
         if runtime > deadline:
             deadline = runtime
+        if Fraction(runtime, period) <= base.bandwidth:
+            out[vid] = Adapted(vid, base, "declared", server.budget_ns, server.period_ns,
+                               server.deadline_ns, capped, note or "the declared reservation "
+                               "covers the guest tasks", tuple(server.tasks))
+            continue
         if base.policy == "deadline":
             sched = VcpuSched("deadline", runtime, period, deadline_ns=deadline)
         else:

@@ -37,6 +37,20 @@ class PeriodStats:
         if len(self.samples) > WINDOW:
             del self.samples[0]
 
+    def period(self) -> Optional[int]:
+        """The period: the smallest gap when every gap is a whole multiple of it.
+
+        A periodic task that overruns (or is slowed by the traps themselves)
+        skips wake-ups, as cyclictest does: its absolute targets then differ
+        by whole multiples of the period.  Otherwise the median gap.
+        """
+        if not self.samples:
+            return None
+        m = min(self.samples)
+        if m > 0 and all(abs(s - round(s / m) * m) * 100 <= m for s in self.samples):
+            return m
+        return self.median
+
     @property
     def median(self) -> Optional[int]:
         if not self.samples:
@@ -70,7 +84,7 @@ class GuestTask:
 
     @property
     def observed_period_ns(self) -> Optional[int]:
-        return self.periods.median
+        return self.periods.period()
 
     @property
     def realtime(self) -> bool:
@@ -172,6 +186,7 @@ class TaskModel:
         if t is None or not t.realtime:
             return False  # sleeps of non-RT tasks teach nothing
         t.last_seen_ns = ev.time_ns
+        moved = t.vcpu != ev.vcpu
         t.vcpu = ev.vcpu
         sleep: SleepRequest = ev.sleep  # type: ignore[assignment]
         before = t.demand()
@@ -190,7 +205,7 @@ class TaskModel:
                     if busy > 0:
                         t.busy.add(busy)
             t.last_call_ns, t.last_sleep_ns = ev.time_ns, length
-        changed = t.periods.count <= STABLE_SAMPLES and t.demand() != before
+        changed = moved or (t.periods.count <= STABLE_SAMPLES and t.demand() != before)
         if changed:
             self.version += 1
         return changed

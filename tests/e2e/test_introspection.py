@@ -1,0 +1,153 @@
+"""Guest introspection through QEMU's gdbstub, end to end (TCG guest, KASLR on).
+
+The guest is the project's unmodified test guest; its init runs programs
+named on the kernel command line: our rtprog, util-linux chrt and rt-tests
+cyclictest.  The host learns the guest's real-time tasks from traps in the
+guest kernel and resizes the vCPU reservation, within the ceiling.
+"""
+from __future__ import annotations
+
+import pytest
+
+from kairos_libvirt.host import proc, sched
+from kairos_libvirt.state import from_xml
+
+from .conftest import console, live_state, qemu_pid, status_json, virsh, wait_until
+
+pytestmark = pytest.mark.libvirt
+
+BOOT_AND_ATTACH_S = 150
+
+
+def intro_decl(runtime="3ms", period="10ms", ceiling="0.6"):
+    return (f'<kairos:default policy="deadline" runtime="{runtime}" period="{period}"/>'
+            f'<kairos:introspection backend="gdbstub" ceiling="{ceiling}"/>')
+
+
+def state(name):
+    x = live_state(name)
+    return from_xml(x) if x else None
+
+
+def running_introspection(name):
+    def ok():
+        st = state(name)
+        return st if st and st.introspection and st.introspection["state"] == "running" else None
+    return wait_until(ok, BOOT_AND_ATTACH_S, 0.5, f"introspection of {name} to run")
+
+
+def find_task(name, pred, timeout=BOOT_AND_ATTACH_S):
+    def ok():
+        st = state(name)
+        if not st:
+            return None
+        for t in st.tasks:
+            if pred(t):
+                return st, t
+        return None
+    return wait_until(ok, timeout, 0.3, f"a guest task of {name}")
+
+
+def vcpu_thread(name, vid=0):
+    return proc.vcpu_threads(qemu_pid(name))[vid]
+
+
+def test_deadline_task_is_found_resizes_the_vcpu_and_shrinks_back(domains):
+    prog = ("while :; do rtprog --policy deadline --runtime 2ms --period 10ms --count 300; "
+            "sleep 6; done")
+    # A small baseline: the guest task needs more, so introspection grows the vCPU.
+    name = domains.define(intro_decl(runtime="1ms"), vcpus=1, cmdline=f'kairos.run="{prog}"')
+    virsh("start", name, check=True)
+    running_introspection(name)
+    st, task = find_task(name, lambda t: t["policy"] == "deadline")
+    assert (task["runtime_ns"], task["deadline_ns"], task["period_ns"]) == \
+        (2_000_000, 10_000_000, 10_000_000)
+    assert task["vcpu"] == 0
+
+    # The vCPU's host reservation becomes the analysed interface (read from the kernel).
+    def resized():
+        s = state(name)
+        v = s.vcpus[0]
+        return s if v.source == "introspection" and v.interface and v.enforced else None
+    st = wait_until(resized, 15, 0.2, "the vCPU to take the analysed interface")
+    v = st.vcpus[0]
+    k = sched.get(vcpu_thread(name))
+    assert (k.runtime_ns, k.deadline_ns, k.period_ns) == (v.runtime_ns, v.deadline_ns, v.period_ns)
+    budget, period, deadline = v.interface
+    assert budget >= 2_000_000 and k.runtime_ns >= budget and k.period_ns == period
+    assert k.runtime_ns * 10 <= k.period_ns * 6  # never above the ceiling (0.6)
+    doc = status_json(name)
+    assert doc["vcpus"][0]["source"] == "introspection"
+    assert doc["vcpus"][0]["interface"]["budget_ns"] == budget
+    assert any(t["policy"] == "deadline" and t["period_ns"] == 10_000_000
+               for t in doc["guest_tasks"])
+
+    # The program exits: the task leaves the model and the declared 1ms/10ms is back.
+    wait_until(lambda: not state(name).tasks and state(name).vcpus[0].source == "declared",
+               40, 0.2, "the task to exit and the reservation to shrink back")
+    wait_until(lambda: sched.get(vcpu_thread(name)).runtime_ns == 1_000_000, 10, 0.2,
+               "the declared runtime in the kernel")
+    # The guest kept running throughout: its program keeps printing progress.
+    before = console(name).count("rtprog")
+    wait_until(lambda: console(name).count("rtprog") > before, 40, 0.5, "guest progress")
+
+
+def test_periodic_fifo_programs_are_observed(domains):
+    """cyclictest (unmodified, clock_nanosleep TIMER_ABSTIME every 5 ms) and chrt."""
+    runs = ('kairos.run="sleep 4; cyclictest -p 50 -i 5000 -t 1 -q -D 120" '
+            'kairos.run="sleep 4; while :; do chrt -f 60 sleep 3; sleep 2; done"')
+    name = domains.define(intro_decl(runtime="4ms"), vcpus=1, cmdline=runs)
+    virsh("start", name, check=True)
+    running_introspection(name)
+
+    def periodic(t):
+        return t["policy"] == "fifo" and t["priority"] == 50 and t["observed_period_ns"]
+    st, task = find_task(name, periodic)
+    # Observed period within 5 % of 5 ms, from successive absolute wake-up targets.
+    _, task = find_task(name, lambda t: periodic(t) and (t["samples"] or 0) >= 8, 60)
+    assert abs(task["observed_period_ns"] - 5_000_000) <= 250_000, task
+    # util-linux chrt: SCHED_FIFO 60 through sched_setscheduler, gone when it exits.
+    find_task(name, lambda t: t["policy"] == "fifo" and t["priority"] == 60, 60)
+    wait_until(lambda: not any(t["priority"] == 60 for t in state(name).tasks), 30, 0.2,
+               "chrt's task to leave the model")
+    assert "KAIROS-GUEST ALIVE" in console(name)
+
+
+def test_demand_above_the_ceiling_is_capped(domains):
+    prog = "rtprog --policy deadline --runtime 8ms --period 10ms --count 0"
+    name = domains.define(intro_decl(runtime="2ms", ceiling="0.4"), vcpus=1,
+                          cmdline=f'kairos.run="sleep 4; {prog}"')
+    virsh("start", name, check=True)
+    running_introspection(name)
+    find_task(name, lambda t: t["policy"] == "deadline" and t["runtime_ns"] == 8_000_000)
+
+    def capped():
+        v = state(name).vcpus[0]
+        return v if v.source == "introspection" and v.note and "ceiling" in v.note else None
+    v = wait_until(capped, 20, 0.2, "the capped reservation")
+    k = sched.get(vcpu_thread(name))
+    assert k.runtime_ns * 10 <= k.period_ns * 4, "granted above the ceiling"
+    assert (k.runtime_ns, k.period_ns) == (v.runtime_ns, v.period_ns)
+
+
+def test_missing_symbols_keep_the_declared_reservation(domains, tmp_path):
+    """A guest kernel we cannot read: an error in the live state, the declaration stays."""
+    name = domains.define(intro_decl(), vcpus=1)
+    # Make the domain boot no kernel at all: introspection can never find one.
+    xml = virsh("dumpxml", name, "--inactive", check=True).stdout
+    import re
+    xml = re.sub(r"<kernel>.*?</kernel>|<initrd>.*?</initrd>|<cmdline>.*?</cmdline>", "", xml)
+    path = tmp_path / f"{name}.xml"
+    path.write_text(xml)
+    virsh("define", str(path), check=True)
+    virsh("start", name, check=True)
+
+    def waiting():
+        st = state(name)
+        return st if st and st.introspection and st.introspection.get("error") else None
+    st = wait_until(waiting, 30, 0.5, "an introspection error in the live state")
+    assert st.introspection["state"] in ("waiting", "failed")
+    k = sched.get(vcpu_thread(name))
+    assert (k.policy, k.runtime_ns) == ("deadline", 3_000_000)
+    # libvirt still reports the domain running: the gdbstub is detached between attempts.
+    assert virsh("domstate", name).stdout.strip() in ("running", "paused")
