@@ -320,6 +320,12 @@ def main(argv: Optional[list] = None, stdin: Optional[bytes] = None) -> int:
     except KairosError as exc:
         log.error("%s %s %s: %s", name, op, subop, exc)
         print(f"kairos: domain {name}: {exc}", file=sys.stderr)
+        if (op, subop) == ("prepare", "begin"):
+            from .metrics import count_admission_refusal
+            try:
+                count_admission_refusal(cfg.run_dir)
+            except OSError as err:
+                log.warning("cannot count the refusal: %s", err)
         if op in ("stopped", "release"):
             return 0  # nothing to abort any more; logged
         return 1

@@ -7,11 +7,14 @@ and closed through libvirt's monitor passthrough (the domain is then tainted
 """
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from typing import Callable, Optional, Tuple
 
 from ..errors import KairosError, LibvirtError
+
+log = logging.getLogger("kairosvm-agent.introspect")
 
 
 def _hmp(dom, command: str) -> str:
@@ -67,7 +70,11 @@ def symbol_loader(kernel: Optional[str]) -> Callable[[Callable[[int, int], bytes
         if kernel and trusted_file(kernel):
             try:
                 return kallsyms.load_vmlinuz(kernel)
-            except KairosError:
-                pass  # not a kernel we can parse: guest memory is the other source
+            except KairosError as exc:
+                # Not a kernel we can parse: guest memory is the other source.
+                log.warning("symbols from %s: %s; trying guest memory", kernel, exc)
+        elif kernel:
+            log.warning("not reading %s: it is not a root-owned file that only root can "
+                        "change; symbols come from guest memory", kernel)
         return kallsyms.load_from_memory(read)
     return load

@@ -50,6 +50,7 @@ def test_refusal_prints_the_reason_and_reserves_nothing(env, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "not enough real-time capacity" in err and "domain b" in err
     assert "b" not in ledger(env) and not (env / "domains" / "b").exists()
+    assert (env / "metrics" / "admission_refusals").read_text().strip() == "1"
     # libvirt then sends stopped/release for b: they must not touch a's reservation.
     assert hook.main(["b", "release", "end", "-"]) == 0
     assert "a" in ledger(env)
@@ -94,3 +95,9 @@ def test_agent_pid_without_agent(env):
     from kairos_libvirt import config
     assert hook.agent_pid(config.load(), "nobody") is None
     hook.stop_agent(config.load(), "nobody")  # nothing to stop: no error
+
+
+def test_refusal_counter_failure_is_logged_not_fatal(env, capsys):
+    (env / "metrics").write_text("not a directory")
+    rc = hook.main(["c", "prepare", "begin", "-"], stdin=dom("c", "20ms"))
+    assert rc == 1 and "runtime 20ms" in capsys.readouterr().err

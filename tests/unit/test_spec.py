@@ -53,6 +53,12 @@ def test_ceiling_defaults_to_declared_bandwidth():
     assert d.ceiling_for(d.default) == Fraction(1, 5)
 
 
+def test_micro_sign_is_accepted_by_parser_and_schema():
+    d = spec.declaration_from_xml(elem('<kairos:default policy="deadline" runtime="500µs" '
+                                       'period="10ms"/>'))
+    assert d.default.runtime_ns == 500_000
+
+
 def test_bare_numbers_are_microseconds():
     d = spec.declaration_from_xml(elem('<kairos:default policy="deadline" runtime="2000" '
                                        'deadline="5000" period="10000"/>'))

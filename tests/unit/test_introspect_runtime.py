@@ -1,0 +1,514 @@
+"""Trap plan, task model, adaptation, gdbstub backend and the runtime, with fakes.
+
+Fakes used here (named as such): ``FakeMemory`` (a guest address space in a
+dict), ``FakeClient`` (an RspClient that replays stops), ``FakeBackend``.
+"""
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from fractions import Fraction
+
+import pytest
+
+from kairos_libvirt import analysis
+from kairos_libvirt.errors import AnalysisError, KairosError
+from kairos_libvirt.introspect import adapt as adapt_mod
+from kairos_libvirt.introspect import backends, gdbstub, plan, runtime
+from kairos_libvirt.introspect.decode import (DecodeError, PT_REGS_OFFSETS, SchedRequest,
+                                              SleepRequest, Timespec)
+from kairos_libvirt.introspect.plan import GuestEvent, Hit
+from kairos_libvirt.introspect.tasks import MAX_TASKS, STABLE_SAMPLES, TaskModel
+from kairos_libvirt.model import VcpuSched
+
+STACK_TOP = 0xffffc90000124000
+PT_REGS = STACK_TOP - plan.PT_REGS_SIZE
+USER_BUF = 0x7ffd0000
+
+
+class FakeMemory:
+    def __init__(self):
+        self.bytes = {}
+
+    def put(self, addr, data):
+        for i, b in enumerate(data):
+            self.bytes[addr + i] = b
+
+    def read(self, addr, n):
+        try:
+            return bytes(self.bytes[addr + i] for i in range(n))
+        except KeyError:
+            raise KairosError(f"fake: unmapped {addr:#x}") from None
+
+
+def ptregs(**user):
+    raw = bytearray(plan.PT_REGS_SIZE)
+    for name, value in user.items():
+        struct.pack_into("<Q", raw, PT_REGS_OFFSETS[name], value)
+    return bytes(raw)
+
+
+def sched_attr(policy, prio=0, runtime=0, deadline=0, period=0):
+    return struct.pack("<IIQiIQQQ", 48, policy, 0, 0, prio, runtime, deadline, period)
+
+
+def hit(kind, mem, *, rsp=STACK_TOP - 0x200, rdi=PT_REGS, vcpu=0, t=0):
+    return Hit(kind, vcpu, {"rsp": rsp, "rdi": rdi, "rip": 0}, t)
+
+
+# -- plan --------------------------------------------------------------------
+
+def test_decode_sched_setattr_hit():
+    mem = FakeMemory()
+    mem.put(PT_REGS, ptregs(di=0, si=USER_BUF, dx=0))
+    mem.put(USER_BUF, sched_attr(6, runtime=2_000_000, deadline=10_000_000, period=10_000_000))
+    ev = plan.decode_hit(hit("sched_setattr", mem), mem.read)
+    assert ev.kind == "sched" and ev.task_key == f"{PT_REGS:#x}" and ev.target_pid == 0
+    assert (ev.sched.policy, ev.sched.runtime_ns, ev.sched.period_ns) == \
+        ("deadline", 2_000_000, 10_000_000)
+
+
+def test_decode_sleep_and_exit_and_setscheduler():
+    mem = FakeMemory()
+    mem.put(PT_REGS, ptregs(di=1, si=1, dx=USER_BUF))  # CLOCK_MONOTONIC, TIMER_ABSTIME
+    mem.put(USER_BUF, struct.pack("<qq", 5, 250_000_000))
+    ev = plan.decode_hit(hit("clock_nanosleep", mem), mem.read)
+    assert ev.sleep.absolute and ev.sleep.time.ns == 5_250_000_000
+    assert plan.decode_hit(hit("exit", mem), mem.read).kind == "exit"
+    mem.put(PT_REGS, ptregs(di=0, si=1, dx=USER_BUF))
+    mem.put(USER_BUF, struct.pack("<i", 42))
+    ev = plan.decode_hit(hit("sched_setscheduler", mem), mem.read)
+    assert (ev.sched.policy, ev.sched.priority) == ("fifo", 42)
+
+
+def test_hostile_hits_are_decode_errors():
+    mem = FakeMemory()
+    with pytest.raises(DecodeError, match="not this task's pt_regs"):
+        plan.decode_hit(hit("sched_setattr", mem, rdi=0xdead0000), mem.read)
+    mem.put(PT_REGS, ptregs(si=0))  # NULL user pointer
+    with pytest.raises(DecodeError):
+        plan.decode_hit(hit("sched_setattr", mem), mem.read)
+    with pytest.raises(KairosError):  # unmapped pt_regs
+        plan.decode_hit(hit("nanosleep", FakeMemory()), FakeMemory().read)
+
+
+def test_resolve_plan_checks_sites():
+    addrs = {"__x64_sys_sched_setattr": 0x1000, "__x64_sys_sched_setscheduler": 0x2000,
+             "__x64_sys_sched_setparam": 0x3000, "__x64_sys_clock_nanosleep": 0x4000}
+
+    def resolve(name):
+        if name not in addrs:
+            raise KairosError(f"no symbol {name}")
+        return addrs[name]
+
+    rp = plan.resolve_plan(resolve, lambda a: a)
+    assert rp.kind_at(0x1000) == "sched_setattr" and rp.kind_at(0x9999) is None
+    assert len(rp.skipped) == 2  # nanosleep and do_exit are optional
+    del addrs["__x64_sys_clock_nanosleep"]
+    with pytest.raises(KairosError, match="clock_nanosleep"):
+        plan.resolve_plan(resolve, lambda a: a)
+
+    def bad_fentry(a):
+        raise KairosError("bytes at the site are not the fentry NOP")
+    with pytest.raises(KairosError, match="fentry NOP"):
+        plan.resolve_plan(lambda n: 1, bad_fentry)
+
+
+# -- task model ---------------------------------------------------------------
+
+def sched_ev(key, req, t=0, vcpu=0, pid=0, tid=None):
+    return GuestEvent("sched", key, vcpu, t, tid=tid, target_pid=pid, sched=req)
+
+
+def sleep_ev(key, ns, absolute=True, t=0, vcpu=0):
+    return GuestEvent("sleep", key, vcpu, t,
+                      sleep=SleepRequest(1, absolute, Timespec(ns // 10**9, ns % 10**9)))
+
+
+def test_model_learns_a_periodic_fifo_task_with_skipped_wakeups():
+    m = TaskModel()
+    assert m.apply(sched_ev("a", SchedRequest("fifo", 50)))
+    targets = [0, 5, 10, 20, 25, 40, 45, 50]  # cyclictest skips missed periods
+    for i, ms in enumerate(targets):
+        m.apply(sleep_ev("a", 10**9 + ms * 1_000_000, t=i))
+    t = m.tasks["a"]
+    assert t.observed_period_ns == 5_000_000
+    assert t.periods.jitter_ns == 10_000_000
+    assert t.demand() == (500_000, 5_000_000, 5_000_000)  # assumed 10 % until measured
+
+
+def test_model_relative_sleeps_measure_busy_time():
+    m = TaskModel()
+    m.apply(sched_ev("a", SchedRequest("rr", 5)))
+    for i in range(6):  # sleep 4 ms, call every 5 ms: 1 ms busy
+        m.apply(sleep_ev("a", 4_000_000, absolute=False, t=i * 5_000_000))
+    assert m.tasks["a"].observed_period_ns == 5_000_000
+    assert m.tasks["a"].demand() == (1_000_000, 5_000_000, 5_000_000)
+
+
+def test_model_exit_other_and_unknown_targets():
+    m = TaskModel()
+    dl = SchedRequest("deadline", 0, 2_000_000, 10_000_000, 10_000_000)
+    m.apply(sched_ev("a", dl, tid=7))
+    assert m.tasks["a"].demand() == (2_000_000, 10_000_000, 10_000_000)
+    m.apply(sched_ev("b", SchedRequest("fifo", 9), pid=7))  # b sets a's policy by tid
+    assert m.tasks["a"].policy == "fifo" and "b" not in m.tasks
+    m.apply(sched_ev("b", SchedRequest("fifo", 9), pid=99))
+    assert "pid:99" in m.tasks
+    assert m.apply(GuestEvent("exit", "a", 0, 0))
+    assert not m.apply(GuestEvent("exit", "a", 0, 0))
+    assert m.apply(sched_ev("pid:99", SchedRequest("other")))
+    assert "pid:99" not in m.tasks
+    assert not m.apply(sleep_ev("nobody", 10**9))          # non-RT sleeps teach nothing
+    assert not m.apply(sched_ev("c", SchedRequest("other")))
+
+
+def test_model_is_capped():
+    m = TaskModel()
+    for i in range(MAX_TASKS + 10):
+        m.apply(sched_ev(f"t{i}", SchedRequest("fifo", 1), t=i))
+    assert len(m.tasks) == MAX_TASKS and m.evicted == 10
+    assert "t0" not in m.tasks and f"t{MAX_TASKS + 9}" in m.tasks
+
+
+def test_stable_after_enough_samples():
+    m = TaskModel()
+    m.apply(sched_ev("a", SchedRequest("fifo", 1)))
+    assert not m.stable()
+    for i in range(STABLE_SAMPLES + 2):
+        m.apply(sleep_ev("a", 10**9 + i * 1_000_000, t=i))
+    assert m.stable()
+
+
+# -- adaptation ---------------------------------------------------------------
+
+def dl_model(runtime_ms, period_ms=10):
+    m = TaskModel()
+    m.apply(sched_ev("a", SchedRequest("deadline", 0, runtime_ms * 1_000_000,
+                                       period_ms * 1_000_000, period_ms * 1_000_000)))
+    return m
+
+
+def test_adapt_grows_above_the_declared_floor():
+    out = adapt_mod.adapt(dl_model(2), {0: VcpuSched("deadline", 1_000_000, 10_000_000)},
+                          {0: Fraction(1, 2)})
+    a = out[0]
+    assert a.source == "introspection" and not a.capped
+    assert a.sched.runtime_ns >= a.budget_ns >= 2_000_000
+    assert a.sched.runtime_ns <= a.sched.deadline_ns <= a.sched.period_ns
+
+
+def test_adapt_keeps_a_sufficient_declaration():
+    base = VcpuSched("deadline", 5_000_000, 10_000_000)
+    a = adapt_mod.adapt(dl_model(1), {0: base}, {0: Fraction(1, 2)})[0]
+    assert a.source == "declared" and a.sched == base and "covers" in a.note
+
+
+def test_adapt_caps_at_the_ceiling():
+    a = adapt_mod.adapt(dl_model(8), {0: VcpuSched("deadline", 1_000_000, 10_000_000)},
+                        {0: Fraction(2, 5)})[0]
+    assert a.capped and "ceiling" in a.note
+    assert Fraction(a.sched.runtime_ns, a.sched.period_ns) <= Fraction(2, 5)
+
+
+def test_adapt_rt_group_vcpu_keeps_priority():
+    base = VcpuSched("fifo", 1_000_000, 10_000_000, priority=30)
+    a = adapt_mod.adapt(dl_model(3), {0: base}, {0: Fraction(1, 2)})[0]
+    assert a.sched.policy == "fifo" and a.sched.priority == 30
+    assert a.sched.runtime_ns % 1000 == 0
+
+
+def test_adapt_when_the_analysis_refuses(monkeypatch):
+    def refuse(*a, **k):
+        raise AnalysisError("nope")
+    monkeypatch.setattr(analysis, "interface_for", refuse)
+    base = VcpuSched("deadline", 1_000_000, 10_000_000)
+    a = adapt_mod.adapt(dl_model(2), {0: base}, {0: Fraction(1, 2)})[0]
+    assert a.sched == base and "analysis refused" in a.note
+
+
+# -- gdbstub backend with a fake client ---------------------------------------
+
+class FakeThread:
+    def __init__(self, tid):
+        self.tid = tid
+
+
+class FakeReply:
+    stopped = True
+    kind = "signal"
+
+    def __init__(self, thread):
+        self.thread = FakeThread(thread)
+
+
+class FakeClient:
+    """Replays breakpoint stops at ``rips``; records what the backend does."""
+
+    def __init__(self, rips):
+        self.rips = list(rips)
+        self.rip = None
+        self.breakpoints = set()
+        self.set_rips = []
+        self.conts = 0
+        self.interrupts = 0
+        self.detached = False
+        self.closed = False
+
+        class S:
+            name = "STOPPED"
+        self.state = S()
+
+    def cont(self):
+        self.conts += 1
+        self.state.name = "RUNNING"
+
+    def wait_stop(self, timeout=None):
+        if not self.rips:
+            time.sleep(0.01)
+            raise gdbstub.RspTimeout(b"wait", timeout or 0)
+        self.rip = self.rips.pop(0)
+        self.state.name = "STOPPED"
+        return FakeReply(2)
+
+    def interrupt(self, timeout=None):
+        self.interrupts += 1
+        self.state.name = "STOPPED"
+
+    def read_registers(self):
+        return {"rip": self.rip, "rsp": STACK_TOP - 0x100, "rdi": PT_REGS}
+
+    def set_register(self, name, value):
+        self.set_rips.append(value)
+
+    def insert_breakpoint(self, addr):
+        self.breakpoints.add(addr)
+
+    def remove_breakpoint(self, addr):
+        self.breakpoints.discard(addr)
+
+    def read_memory(self, addr, n):
+        return b"\0" * n
+
+    def detach(self):
+        self.detached = True
+
+    def close(self):
+        self.closed = True
+
+
+def make_backend(client, tmp_path, **kw):
+    be = gdbstub.GdbstubBackend(lambda p: None, lambda: None, str(tmp_path), **kw)
+    be.client = client
+    rp = plan.ResolvedPlan()
+    rp.sites[0x1000] = plan.PLAN[0]
+    be.plan = rp
+    return be
+
+
+def test_backend_handles_hits_and_skips_the_site(tmp_path):
+    c = FakeClient([0x1000, 0x1000, 0x5555])  # the last stop is not ours
+    be = make_backend(c, tmp_path)
+    be.arm(0x1000)
+    stop = threading.Event()
+    seen = []
+
+    def on_hit(h, read):
+        seen.append((h.kind, h.vcpu))
+        if len(seen) == 2:
+            threading.Timer(0.1, stop.set).start()
+
+    be.run(on_hit, stop)
+    assert seen == [("sched_setattr", 1), ("sched_setattr", 1)]
+    assert c.set_rips == [0x1005, 0x1005]  # resumed at site + 5, no single-step
+    assert be.counters.hits == 2 and be.counters.per_kind == {"sched_setattr": 2}
+    be.close()
+    assert c.detached and c.closed and not c.breakpoints
+
+
+def test_backend_rate_limit_disarms_then_rearms(tmp_path):
+    c = FakeClient([0x1000] * 5)
+    be = make_backend(c, tmp_path, rate=1.0, burst=2.0, cooldown_s=0.05)
+    be.arm(0x1000)
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    be.run(lambda h, r: None, stop)
+    assert be.counters.suppressed >= 1
+    assert 0x1000 in c.breakpoints  # re-armed after the cool-down
+
+
+def test_backend_control_requests_run_with_the_vm_stopped(tmp_path):
+    c = FakeClient([])
+    be = make_backend(c, tmp_path)
+    stop = threading.Event()
+    done = []
+
+    def op():
+        done.append(c.state.name)
+        stop.set()
+    be.request(op)
+    be.run(lambda h, r: None, stop)
+    assert done == ["STOPPED"] and c.interrupts >= 1
+
+
+def test_backend_open_waits_for_the_socket(tmp_path, monkeypatch):
+    be = gdbstub.GdbstubBackend(lambda p: open(p, "w").close(), lambda: None, str(tmp_path / "g"))
+    monkeypatch.setattr(gdbstub.RspClient, "connect_unix",
+                        classmethod(lambda cls, path, timeout: FakeClient([])))
+    assert isinstance(be.open(), FakeClient)
+    assert (tmp_path / "g").stat().st_mode & 0o777 == 0o700
+    be2 = gdbstub.GdbstubBackend(lambda p: None, lambda: None, str(tmp_path / "h"))
+    monkeypatch.setattr(gdbstub.time, "monotonic", iter([0.0, 10.0, 20.0]).__next__)
+    with pytest.raises(KairosError, match="did not create its gdbstub socket"):
+        be2.open()
+
+
+def test_bucket():
+    b = gdbstub.Bucket(rate=10, burst=2)
+    assert b.take(1.0) and b.take(1.0) and not b.take(1.0)
+    assert b.take(1.2)
+
+
+# -- runtime with a fake backend -------------------------------------------------
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self, fail_open=0):
+        self.counters = gdbstub.Counters()
+        self.plan = plan.ResolvedPlan()
+        self.armed = set()
+        self.fail_open = fail_open
+        self.opened = 0
+        self.closed = 0
+        self.mem = FakeMemory()
+        self.hits = []
+
+    def open(self):
+        self.opened += 1
+        if self.opened <= self.fail_open:
+            raise KairosError("guest kernel not up yet")
+
+    def read(self, a, n):
+        return self.mem.read(a, n)
+
+    def arm(self, a):
+        self.armed.add(a)
+
+    def disarm(self, a):
+        self.armed.discard(a)
+
+    def request(self, op):
+        op()
+
+    def run(self, on_hit, stop):
+        for h in self.hits:
+            on_hit(h, self.mem.read)
+        stop.wait(5)
+
+    def close(self):
+        self.closed += 1
+
+
+class FakeSymbols:
+    def find_slide(self, read):
+        return 0x200000
+
+    def runtime(self, slide):
+        class R:
+            def resolve(self, name):
+                table = {"__x64_sys_sched_setattr": 0x1000, "__x64_sys_sched_setscheduler": 0x2000,
+                         "__x64_sys_sched_setparam": 0x3000, "__x64_sys_clock_nanosleep": 0x4000}
+                if name not in table:
+                    raise KairosError(f"no {name}")
+                return table[name] + slide
+        return R()
+
+
+def test_runtime_attaches_learns_and_adapts(monkeypatch):
+    import kairos_libvirt.introspect.symbols as symbols
+    import kairos_libvirt.introspect.layout as layout
+    monkeypatch.setattr(symbols, "fentry_site", lambda read, a: a)
+
+    def no_layout(read, rsyms):
+        raise KairosError("no init yet")
+    monkeypatch.setattr(layout, "discover_layout", no_layout)
+    monkeypatch.setattr(runtime, "ATTACH_RETRY_S", 0.01)
+    be = FakeBackend(fail_open=2)
+    be.mem.put(PT_REGS, ptregs(di=0, si=USER_BUF))
+    be.mem.put(USER_BUF, sched_attr(6, runtime=3_000_000, deadline=10_000_000,
+                                    period=10_000_000))
+    be.hits = [Hit("sched_setattr", 0, {"rsp": STACK_TOP - 8, "rdi": PT_REGS}, 1),
+               Hit("sched_setattr", 0, {"rsp": STACK_TOP - 8, "rdi": 0x1}, 2)]  # garbage
+    intro = runtime.Introspector(be, lambda read: FakeSymbols(),
+                                 {0: VcpuSched("deadline", 1_000_000, 10_000_000)},
+                                 {0: Fraction(1, 2)})
+    intro.start()
+    try:
+        deadline = time.monotonic() + 5
+        while intro.status.state != "running" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert intro.status.state == "running" and be.opened == 3 and be.closed == 2
+        assert intro.status.sites["sched_setattr"] == 0x201000
+        assert any(n.startswith("task ids unavailable") for n in intro.status.notes)
+        while be.counters.decoded < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert be.counters.rejected == 1 and "pt_regs" in be.counters.last_error
+        time.sleep(runtime.DEBOUNCE_S + 0.05)
+        a = intro.adapted()[0]
+        assert a.source == "introspection" and a.sched.runtime_ns >= 3_000_000
+        snap = intro.tasks_snapshot()
+        assert snap[0]["policy"] == "deadline" and snap[0]["runtime_ns"] == 3_000_000
+    finally:
+        intro.stop()
+    assert intro.status.state == "stopped"
+
+
+def test_runtime_gives_up_and_keeps_the_declaration(monkeypatch):
+    monkeypatch.setattr(runtime, "ATTACH_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(runtime, "ATTACH_RETRY_S", 0.01)
+    be = FakeBackend(fail_open=1000)
+    base = VcpuSched("deadline", 1_000_000, 10_000_000)
+    intro = runtime.Introspector(be, lambda read: FakeSymbols(), {0: base}, {0: Fraction(1, 2)})
+    intro._main()
+    assert intro.status.state == "failed" and "not up yet" in intro.status.error
+    assert intro.adapted()[0].sched == base
+
+
+# -- backends -----------------------------------------------------------------------
+
+def test_trusted_file(tmp_path):
+    f = tmp_path / "vmlinuz"
+    f.write_bytes(b"x")
+    f.chmod(0o644)
+    assert backends.trusted_file(str(f)) == (f.stat().st_uid == 0)
+    f.chmod(0o666)
+    assert not backends.trusted_file(str(f))
+    assert not backends.trusted_file(str(tmp_path / "missing"))
+
+
+def test_make_refuses_unknown_and_falls_back(monkeypatch, tmp_path):
+    with pytest.raises(KairosError, match="unknown introspection backend"):
+        backends.make("ebpf", "d", object(), 1, str(tmp_path))
+    with pytest.raises(KairosError, match="needs a libvirt connection"):
+        backends.make("gdbstub", "d", None, 1, str(tmp_path))
+    from kairos_libvirt.introspect import kvmud_backend
+    monkeypatch.setattr(kvmud_backend, "available", lambda: False)
+    be, note = backends.make("kvm-ud", "d", object(), 1, str(tmp_path))
+    assert be.name == "gdbstub" and "falling back to gdbstub" in note
+
+
+def test_symbol_loader_falls_back_to_memory(monkeypatch, tmp_path):
+    from kairos_libvirt.introspect import kallsyms
+    calls = []
+
+    def bad_vmlinuz(path):
+        calls.append("vmlinuz")
+        raise KairosError("not a kernel")
+    monkeypatch.setattr(kallsyms, "load_vmlinuz", bad_vmlinuz)
+    monkeypatch.setattr(kallsyms, "load_from_memory", lambda read: calls.append("memory") or 7)
+    monkeypatch.setattr(backends, "trusted_file", lambda p: True)
+    assert backends.symbol_loader("/boot/vmlinuz")(lambda a, n: b"") == 7
+    assert calls == ["vmlinuz", "memory"]
+    assert backends.symbol_loader(None)(lambda a, n: b"") == 7
