@@ -33,11 +33,11 @@
 #define KVMIO 0xAE
 #endif
 
-#define KAIROS_UD_API_VERSION	1
+#define KAIROS_UD_API_VERSION	2	/* 2: 512-byte events, 384 bytes of data (a whole pt_regs + the user struct) */
 
 #define KAIROS_UD_MAX_TRAPS	64	/* sites per VM */
 #define KAIROS_UD_MAX_FETCH	4	/* fetch steps per site */
-#define KAIROS_UD_DATA_MAX	128	/* bytes of guest memory per event */
+#define KAIROS_UD_DATA_MAX	384	/* bytes of guest memory per event */
 #define KAIROS_UD_PEEK_MAX	64	/* bytes per KAIROS_UD_OP_PEEK */
 
 /* The site: a 5-byte NOP whose second byte becomes 0x0b (UD2) when armed. */
@@ -181,7 +181,7 @@ struct kairos_ud_event {
 	__u16 data_len;		/* 124: bytes valid in data[] */
 	__u16 flags;		/* 126 */
 	__u8 data[KAIROS_UD_DATA_MAX];	/* 128 */
-};				/* 256 bytes */
+};				/* 512 bytes */
 
 #ifdef __KERNEL__
 struct kvm;

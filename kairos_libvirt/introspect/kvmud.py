@@ -3,7 +3,7 @@
 What the patched KVM offers (see ``kmod/kairos_ud.h`` and ``kmod/README.md``):
 a per-VM table of guest-kernel trap sites (5-byte fentry NOPs ``0f 1f 44 00 00``),
 armed and disarmed by the kernel on a vCPU thread of the VM (one byte becomes
-``0x0b``: UD2); a #UD at an armed site is recorded as a fixed-size 256-byte
+``0x0b``: UD2); a #UD at an armed site is recorded as a fixed-size 512-byte
 event in a per-VM ring (mmap of an anon fd) plus an eventfd, the site is
 skipped and the guest resumes without an exit to userspace.
 
@@ -59,11 +59,11 @@ class KvmUdError(KairosError):
 
 # -- constants of kmod/kairos_ud.h -------------------------------------------
 
-API_VERSION = 1
+API_VERSION = 2
 PARAM_PATH = "/sys/module/kvm/parameters/kairos_ud"
 MAX_TRAPS = 64
 MAX_FETCH = 4
-DATA_MAX = 128
+DATA_MAX = 384
 PEEK_MAX = 64
 SITE_LEN = 5
 NOP5 = bytes((0x0F, 0x1F, 0x44, 0x00, 0x00))
@@ -77,7 +77,7 @@ REGISTERS: Dict[str, int] = {
 }
 OP_ARM, OP_DISARM, OP_PEEK = 1, 2, 3
 RING_MAGIC = 0x3144554B
-EVENT_SIZE = 256
+EVENT_SIZE = 512
 EV_FETCH_FAULT = 0x1
 DEFAULT_TIMEOUT_MS = 2000
 
@@ -146,8 +146,8 @@ RING_HEAD_OFFSET = 72
 RING_TAIL_OFFSET = 128
 RING_TRAP_HITS_OFFSET = 256
 _U64 = struct.Struct("<Q")
-#: ``struct kairos_ud_event`` (256 bytes).
-_EVENT = struct.Struct("<6Q8QIIHBBHH128s")
+#: ``struct kairos_ud_event`` (512 bytes, API 2).
+_EVENT = struct.Struct("<6Q8QIIHBBHH384s")
 assert _RING_HDR.size == RING_HEAD_OFFSET
 assert _EVENT.size == EVENT_SIZE
 
@@ -254,7 +254,7 @@ _EVENT_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9", "rax", "rsp")
 
 
 def decode_event(raw: bytes) -> KvmUdEvent:
-    """Decode one 256-byte ring slot (data is cut to ``data_len``; a bogus length is an error)."""
+    """Decode one 512-byte ring slot (data is cut to ``data_len``; a bogus length is an error)."""
     if len(raw) != EVENT_SIZE:
         raise KvmUdError("event", f"{len(raw)} bytes, expected {EVENT_SIZE}")
     v = _EVENT.unpack(raw)
@@ -510,6 +510,13 @@ class KvmUd:
             out.append(ev)
         _U64.pack_into(self.ring, RING_TAIL_OFFSET, head)
         return out
+
+    def skip_to_head(self) -> int:
+        """Drop every pending event (a torn ring, or events nobody will model); returns how many."""
+        head = _U64.unpack_from(self.ring, RING_HEAD_OFFSET)[0]
+        tail = _U64.unpack_from(self.ring, RING_TAIL_OFFSET)[0]
+        _U64.pack_into(self.ring, RING_TAIL_OFFSET, head)
+        return max(0, min(head - tail, self.nr_events)) if head >= tail else 0
 
     def events(self, timeout: Optional[float] = None) -> Iterator[KvmUdEvent]:
         """Events as they come, until ``timeout`` seconds pass with none."""

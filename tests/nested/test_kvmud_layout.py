@@ -65,7 +65,7 @@ def test_struct_sizes_match_the_header(c_layout: dict) -> None:
     assert c_layout["kairos_ud_setup"] == ctypes.sizeof(SetupArgs) == 32
     assert c_layout["kairos_ud_traps"] == ctypes.sizeof(TrapsArgs) == 24
     assert c_layout["kairos_ud_ctl"] == ctypes.sizeof(CtlArgs) == 104
-    assert c_layout["kairos_ud_event"] == EVENT_SIZE == 256
+    assert c_layout["kairos_ud_event"] == EVENT_SIZE == 512
 
 
 def test_field_offsets_match_the_header(c_layout: dict) -> None:
@@ -86,7 +86,7 @@ def test_field_offsets_match_the_header(c_layout: dict) -> None:
     assert c_layout["kairos_ud_event.vcpu_id"] == 112
     assert c_layout["kairos_ud_event.trap_index"] == 120
     assert c_layout["kairos_ud_event.data_len"] == 124
-    assert c_layout["kairos_ud_event.data"] == 128
+    assert c_layout["kairos_ud_event.data"] == 128  # offset
 
 
 def test_ioctl_numbers_and_constants_match_the_header(c_layout: dict) -> None:
@@ -133,7 +133,7 @@ def test_encode_sched_setattr_trap() -> None:
     ([Trap(1, fetch=(Fetch("rdi", 0, 4), Fetch("prev", 0, 8)))], "previous step"),
     ([Trap(1, fetch=(Fetch("rip", 0, 8),))], "unknown base"),
     ([Trap(1, fetch=(Fetch("rdi", 0, 0),))], "len 0"),
-    ([Trap(1, fetch=(Fetch("rdi", 0, 100), Fetch("rsi", 0, 100)))], "copies 200 bytes"),
+    ([Trap(1, fetch=(Fetch("rdi", 0, 200), Fetch("rsi", 0, 200)))], "copies 400 bytes"),
     ([Trap(1, fetch=(Fetch("rdi", 2**31, 8),))], "32 bits"),
     ([Trap(1, fetch=tuple(Fetch("rdi", 0, 8) for _ in range(5)))], "fetch steps"),
     ([Trap(i) for i in range(65)], "at most 64"),
@@ -151,7 +151,7 @@ SCHED_ATTR_2MS_10MS = struct.pack("<IIQiIQQQ", 48, 6, 0, 0, 0, 2_000_000, 10_000
 
 def make_event(seq=5, data=b"", **kw) -> bytes:
     regs = [kw.get(r, 0) for r in ("rdi", "rsi", "rdx", "r10", "r8", "r9", "rax", "rsp")]
-    return struct.pack("<6Q8QIIHBBHH128s", seq, kw.get("host_ns", 123), kw.get("tsc", 456),
+    return struct.pack("<6Q8QIIHBBHH384s", seq, kw.get("host_ns", 123), kw.get("tsc", 456),
                        kw.get("rip", 0xFFFFFFFF81234560), kw.get("cr3", 0x1000), 0x246, *regs,
                        kw.get("vcpu", 1), kw.get("trap_id", 7), kw.get("index", 0), 0,
                        kw.get("fetch_status", 0), len(data), kw.get("flags", 0), data)
@@ -190,11 +190,11 @@ def test_decode_event_partial_fetch() -> None:
 
 
 def test_decode_event_refuses_bad_sizes() -> None:
-    with pytest.raises(KvmUdError, match="expected 256"):
+    with pytest.raises(KvmUdError, match="expected 512"):
         decode_event(b"\0" * 255)
     raw = bytearray(make_event())
-    struct.pack_into("<H", raw, 124, 129)
-    with pytest.raises(KvmUdError, match="data_len 129"):
+    struct.pack_into("<H", raw, 124, 385)
+    with pytest.raises(KvmUdError, match="data_len 385"):
         decode_event(bytes(raw))
 
 
@@ -202,8 +202,8 @@ def test_decode_event_refuses_bad_sizes() -> None:
 
 def make_header(**kw) -> bytearray:
     buf = bytearray(4096)
-    struct.pack_into("<IHHII7Q", buf, 0, kw.get("magic", kvmud.RING_MAGIC), kw.get("version", 1),
-                     kw.get("event_size", 256), kw.get("nr", 64), 4096, 10, 8, 1, 1, 0, 0, 0b11)
+    struct.pack_into("<IHHII7Q", buf, 0, kw.get("magic", kvmud.RING_MAGIC), kw.get("version", kvmud.API_VERSION),
+                     kw.get("event_size", 512), kw.get("nr", 64), 4096, 10, 8, 1, 1, 0, 0, 0b11)
     struct.pack_into("<Q", buf, 72, kw.get("head", 8))
     struct.pack_into("<Q", buf, 128, kw.get("tail", 3))
     struct.pack_into("<QQ", buf, 256, 6, 4)
@@ -212,12 +212,12 @@ def make_header(**kw) -> bytearray:
 
 def test_parse_ring_header() -> None:
     size, off, c = parse_ring_header(bytes(make_header()))
-    assert (size, off) == (256, 4096)
+    assert (size, off) == (512, 4096)
     assert (c.nr_events, c.hits, c.recorded, c.rate_dropped, c.overflow) == (64, 10, 8, 1, 1)
     assert (c.armed_mask, c.head, c.tail, c.trap_hits[:3]) == (3, 8, 3, (6, 4, 0))
 
 
-@pytest.mark.parametrize("kw, why", [({"magic": 0}, "magic"), ({"version": 2}, "version"),
+@pytest.mark.parametrize("kw, why", [({"magic": 0}, "magic"), ({"version": 1}, "version"),
                                      ({"event_size": 128}, "event size"), ({"nr": 48}, "power of two")])
 def test_parse_ring_header_refuses(kw, why) -> None:
     with pytest.raises(KvmUdError, match=why):
@@ -235,11 +235,11 @@ class FakeRing(kvmud.KvmUd):
 
 def test_read_events_consumes_and_wraps() -> None:
     nr = 16
-    buf = make_header(nr=nr, head=0, tail=0) + bytearray(nr * 256)
+    buf = make_header(nr=nr, head=0, tail=0) + bytearray(nr * 512)
     r = FakeRing(buf)
     for seq in range(20, 30):     # wraps the 16 slots
-        at = 4096 + (seq % nr) * 256
-        buf[at:at + 256] = make_event(seq=seq, data=bytes([seq]))
+        at = 4096 + (seq % nr) * 512
+        buf[at:at + 512] = make_event(seq=seq, data=bytes([seq]))
     struct.pack_into("<Q", buf, 128, 20)
     struct.pack_into("<Q", buf, 72, 30)
     evs = r.read_events(limit=4)
@@ -251,8 +251,8 @@ def test_read_events_consumes_and_wraps() -> None:
 
 
 def test_read_events_detects_a_torn_slot() -> None:
-    buf = make_header(nr=16, head=1, tail=0) + bytearray(16 * 256)
-    buf[4096:4096 + 256] = make_event(seq=99)
+    buf = make_header(nr=16, head=1, tail=0) + bytearray(16 * 512)
+    buf[4096:4096 + 512] = make_event(seq=99)
     with pytest.raises(KvmUdError, match="holds seq 99"):
         FakeRing(buf).read_events()
 
@@ -262,9 +262,9 @@ def test_read_events_detects_a_torn_slot() -> None:
 def test_patched_kvm_loaded_probe(tmp_path: Path) -> None:
     p = tmp_path / "kairos_ud"
     assert not kvmud.patched_kvm_loaded(str(p))
-    p.write_text("1\n")
-    assert kvmud.patched_kvm_loaded(str(p)) and kvmud.api_version(str(p)) == 1
     p.write_text("2\n")
+    assert kvmud.patched_kvm_loaded(str(p)) and kvmud.api_version(str(p)) == 2
+    p.write_text("1\n")     # API 1 had 256-byte events: not ours
     assert not kvmud.patched_kvm_loaded(str(p))
     p.write_text("junk\n")
     assert kvmud.api_version(str(p)) is None
