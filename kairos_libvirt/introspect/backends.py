@@ -32,10 +32,10 @@ def make(kind: str, name: str, dom, qemu_pid: int, domain_dir: str) -> Tuple[obj
     note = None
     if kind == "kvm-ud":
         from . import kvmud_backend
-        if kvmud_backend.available():
+        why = kvmud_backend.unavailable_reason(qemu_pid)
+        if why is None:
             return kvmud_backend.make(name, qemu_pid), None
-        note = ("backend kvm-ud requested but the patched KVM (kmod/) is not loaded: "
-                "falling back to gdbstub")
+        note = f"backend kvm-ud requested but {why}: falling back to gdbstub"
         kind = "gdbstub"
     if kind != "gdbstub":
         raise KairosError(f"unknown introspection backend {kind!r}")
