@@ -9,6 +9,7 @@ domain, and the kernel keeps it even if the agent is killed.
 from __future__ import annotations
 
 import argparse
+import collections
 import errno as _errno
 import fcntl
 import logging
@@ -35,6 +36,7 @@ INTRO_POLL_S = 0.05
 RECHECK_S = 2.0
 QEMU_WAIT_S = 30.0
 RETRY_S = 10
+REACTIONS_KEPT = 1024
 
 
 class Agent:
@@ -54,6 +56,9 @@ class Agent:
         self.adapted: Dict[int, object] = {}
         self.last_publish = 0.0
         self._published_shape: Optional[str] = None
+        #: vCPU -> trap time of the guest call that led to its pending change.
+        self.pending_trigger: Dict[int, int] = {}
+        self.reactions: "collections.deque[int]" = collections.deque(maxlen=REACTIONS_KEPT)
 
     # -- lifecycle -------------------------------------------------------
     def run(self) -> int:
@@ -142,6 +147,8 @@ class Agent:
                 try:
                     self.ledger.regrant(state, self.name, vid, a.sched)
                     changed = True
+                    if self.intro.trigger_ns is not None:
+                        self.pending_trigger[vid] = self.intro.trigger_ns
                     log.info("vCPU %d: %s reservation %s%s", vid, a.source, _describe(a.sched),
                              f" ({a.note})" if a.note else "")
                 except AdmissionError as exc:
@@ -193,6 +200,10 @@ class Agent:
                 try:
                     self._apply(vid, tid, want)
                     self.enforced_at[vid] = utcnow()
+                    trigger = self.pending_trigger.pop(vid, None)
+                    if trigger is not None:
+                        # From the guest's call (the trap) to the kernel holding the change.
+                        self.reactions.append(time.monotonic_ns() - trigger)
                     log.info("vCPU %d (tid %d): enforced %s", vid, tid, _describe(want))
                     self.errors.pop(vid, None)
                 except KairosError as exc:
@@ -228,7 +239,8 @@ class Agent:
                                 "notes": list(i.notes), "slide": i.slide, "hits": c.hits,
                                 "decoded": c.decoded, "rejected": c.rejected,
                                 "suppressed": c.suppressed, "handler_ns": c.handler_ns,
-                                "evicted": self.intro.model.evicted}
+                                "evicted": self.intro.model.evicted,
+                                **_percentiles(self.reactions)}
             st.tasks = self.intro.tasks_snapshot()
         elif self.intro_status is not None:
             st.introspection = dict(self.intro_status)
@@ -324,6 +336,15 @@ class Agent:
             log.warning("%s; will reconnect to libvirt", exc)
             self.dom = None
             self.reconnect_at = time.monotonic() + 1.0
+
+
+def _percentiles(xs) -> Dict[str, int]:
+    """Reaction latency figures for the live state (microseconds)."""
+    if not xs:
+        return {}
+    s = sorted(xs)
+    return {"reactions": len(s), "reaction_p50_us": s[len(s) // 2] // 1000,
+            "reaction_p99_us": s[min(len(s) - 1, (len(s) * 99) // 100)] // 1000}
 
 
 def _without_counters(st: DomainState) -> DomainState:

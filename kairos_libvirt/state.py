@@ -52,7 +52,8 @@ TASK_FIELDS = (("key", "key", False), ("tid", "tid", False), ("comm", "comm", Fa
                ("deadline", "deadline_ns", True), ("period", "period_ns", True),
                ("observed-period", "observed_period_ns", True), ("jitter", "jitter_ns", True),
                ("samples", "samples", False))
-INTRO_COUNTERS = ("hits", "decoded", "rejected", "suppressed", "handler_ns", "evicted")
+INTRO_COUNTERS = ("hits", "decoded", "rejected", "suppressed", "handler_ns", "evicted",
+                  "reactions", "reaction_p50_us", "reaction_p99_us")
 
 
 @dataclass

@@ -27,8 +27,8 @@ log = logging.getLogger("kairosvm-agent.introspect")
 
 #: Re-run the analysis at most this often, and only after the model was quiet
 #: for DEBOUNCE_S (a burst of events gives one re-enforcement).
-DEBOUNCE_S = 0.2
-MAX_DELAY_S = 1.0
+DEBOUNCE_S = 0.05
+MAX_DELAY_S = 0.5
 #: clock_nanosleep is re-armed this often for a sampling window once periods
 #: are learnt (a period change is noticed within RESAMPLE_EVERY_S).
 RESAMPLE_EVERY_S = 10.0
@@ -67,6 +67,10 @@ class Introspector:
         self._analysed_version = -1
         self._adapted: Dict[int, _adapt.Adapted] = {}
         self._dirty_since: Optional[float] = None
+        #: Trap time (monotonic ns) of the event behind the latest re-analysis:
+        #: the agent measures its reaction latency from it.
+        self._trigger_ns: Optional[int] = None
+        self.trigger_ns: Optional[int] = None
         self._last_change = 0.0
         self._sleep_sites: List[int] = []
         self._sleep_armed = True
@@ -186,6 +190,7 @@ class Introspector:
                 self._last_change = now
                 if self._dirty_since is None:
                     self._dirty_since = now
+                    self._trigger_ns = hit.time_ns
         self._sampling_policy()
 
     def _sampling_policy(self) -> None:
@@ -226,6 +231,7 @@ class Introspector:
                                              self.overhead_ns)
                 self._analysed_version = self.model.version
                 self._dirty_since = None
+                self.trigger_ns, self._trigger_ns = self._trigger_ns, None
             return dict(self._adapted)
 
     def tasks_snapshot(self) -> list:
