@@ -1,7 +1,7 @@
 """The kvm-ud KVM patch in the nested testbed (tier 4, marker ``nested``).
 
-One ``scripts/testbed`` cycle per session (about 35 s once the modules are
-built; the first build adds about 1.5 min): L1 runs Debian's 6.1 kernel under
+One ``scripts/testbed`` cycle per session (the ``run`` fixture of conftest.py ; about 35 s once the modules are
+built, the first build adds about 1.5 min): L1 runs Debian's 6.1 kernel under
 TCG with the kairos-patched kvm/kvm-amd, L2 is the project's guest under KVM
 in L1, and the driver in L1 uses ``kairos_libvirt.introspect.kvmud``.  These
 tests assert on its ``result.json``.
@@ -14,13 +14,11 @@ that a failure.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import skip_or_fail
+from kairos_libvirt.introspect.kvmud import API_VERSION
 
 pytestmark = pytest.mark.nested
 
@@ -30,36 +28,12 @@ ARMED5 = "0f0b440000"
 EBADMSG = 74
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict:
-    given = os.environ.get("KAIROS_TESTBED_RESULT")
-    if given:
-        out = Path(given).parent
-    else:
-        if os.geteuid() != 0:
-            skip_or_fail("nested", "the nested testbed needs root (QEMU 9p export of /, module build, apt-get)")
-        out = tmp_path_factory.mktemp("testbed")
-        try:
-            p = subprocess.run([str(REPO / "scripts" / "testbed"), "--out", str(out)],
-                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1800)
-        except subprocess.TimeoutExpired:
-            pytest.fail("scripts/testbed did not finish within 30 min")
-        if p.returncode == 2:
-            reason = (out / "skip-reason").read_text().strip() if (out / "skip-reason").exists() else p.stderr[-500:]
-            skip_or_fail("nested", f"scripts/testbed cannot run here: {reason}")
-        if not (out / "result.json").exists():
-            pytest.fail(f"scripts/testbed produced no result (exit {p.returncode}):\n{p.stderr[-3000:]}")
-    r = json.loads((out / "result.json").read_text())
-    r["_out"] = str(out)
-    return r
-
-
 def test_driver_reported_no_error(run: dict) -> None:
     assert run["errors"] == [], "\n".join(run["errors"])
 
 
 def test_l1_runs_the_patched_kvm_without_next_rip(run: dict) -> None:
-    assert run["patched_kvm_loaded"] and run["kairos_ud_api"] == 1
+    assert run["patched_kvm_loaded"] and run["kairos_ud_api"] == API_VERSION
     # TCG's SVM has no NRIP save: the skip over the 5-byte site cannot come from the hardware
     assert run["kvm_amd"]["nrips"] == "0"
     assert run["kvm_amd"]["nested"] == "1"
