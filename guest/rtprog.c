@@ -34,6 +34,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -108,6 +109,8 @@ static const char usage_text[] =
 	"              [--flags F] [--work T] [--count N] [--report T] [--cpu K]\n"
 	"       rtprog --hammer N [policy options]      time N sched_setattr calls\n"
 	"       rtprog --getpid-loop N [policy options] time N getpid calls\n"
+	"       rtprog --garbage N                      scheduling syscalls with garbage arguments\n"
+	"       rtprog --spawn N                        N short-lived SCHED_FIFO child processes\n"
 	"Times: NUMBER[ns|us|ms|s], a bare number is us.  --count 0 runs until SIGTERM/SIGINT.\n"
 	"Defaults: --policy other, --prio 50 (fifo/rr), --period 10ms (deadline: the deadline), --deadline = period,\n"
 	"          --work 100us (CPU time burnt per period), --count 0, --report 1s.\n";
@@ -177,7 +180,7 @@ struct cfg {
 	uint64_t runtime, deadline, period, flags;
 	uint64_t work, count, report;
 	long cpu;
-	uint64_t hammer, getpid_loop;
+	uint64_t hammer, getpid_loop, garbage, spawn;
 };
 
 static void fill_attr(const struct cfg *c, struct rt_sched_attr *a)
@@ -260,6 +263,49 @@ static int run_hammer(const struct cfg *c)
 	dt = now_ns(CLOCK_MONOTONIC) - t0;
 	printf("rtprog %d hammer sched_setattr policy=%s calls=%" PRIu64 " total_ns=%" PRIu64 " ns_per_call=%.1f\n",
 	       (int)me, policy_name(c->policy), c->hammer, dt, c->hammer ? (double)dt / (double)c->hammer : 0.0);
+	return 0;
+}
+
+/* Hostile-guest test: scheduling syscalls with garbage arguments; every error is expected. */
+static int run_garbage(const struct cfg *c)
+{
+	static const uintptr_t ptrs[] = { 0, 1, 0x1000, 0xdeadbeef, 0x7ffffffff000ull,
+					  0xffffffff81000000ull, 0xffff888000000000ull, (uintptr_t)-1 };
+	unsigned char junk[64];
+	uint64_t fails = 0;
+
+	for (uint64_t i = 0; i < c->garbage; i++) {
+		uintptr_t p = ptrs[i % (sizeof(ptrs) / sizeof(ptrs[0]))];
+		memset(junk, (int)(i * 37), sizeof(junk));
+		((uint32_t *)junk)[0] = (uint32_t)(i * 2654435761u); /* absurd sizes */
+		fails += syscall(NR_SCHED_SETATTR, 0, (void *)p, 0) != 0;
+		fails += syscall(NR_SCHED_SETATTR, 0, junk, (unsigned)i) != 0;
+		fails += syscall(SYS_sched_setscheduler, 0, (int)i, (void *)p) != 0;
+		fails += syscall(SYS_sched_setparam, (int)-i, (void *)p) != 0;
+		fails += syscall(SYS_clock_nanosleep, (int)(i % 16), 1, (void *)p, NULL) != 0;
+	}
+	printf("rtprog %d garbage calls=%" PRIu64 " failed=%" PRIu64 "\n", (int)me, 5 * c->garbage, fails);
+	return 0;
+}
+
+/* Hostile-guest test: many short-lived SCHED_FIFO tasks. */
+static int run_spawn(const struct cfg *c)
+{
+	uint64_t ok = 0;
+
+	for (uint64_t i = 0; i < c->spawn; i++) {
+		pid_t p = fork();
+		if (p == 0) {
+			struct sched_param sp = { .sched_priority = 10 };
+			_exit(sched_setscheduler(0, SCHED_FIFO, &sp) ? 1 : 0);
+		}
+		if (p > 0) {
+			int st;
+			if (waitpid(p, &st, 0) == p && WIFEXITED(st) && WEXITSTATUS(st) == 0)
+				ok++;
+		}
+	}
+	printf("rtprog %d spawn tasks=%" PRIu64 " fifo_ok=%" PRIu64 "\n", (int)me, c->spawn, ok);
 	return 0;
 }
 
@@ -357,7 +403,7 @@ static int run_periodic(const struct cfg *c)
 int main(int argc, char **argv)
 {
 	enum { O_POLICY = 256, O_PRIO, O_RUNTIME, O_DEADLINE, O_PERIOD, O_FLAGS, O_WORK, O_COUNT, O_REPORT, O_CPU,
-	       O_HAMMER, O_GETPID };
+	       O_HAMMER, O_GETPID, O_GARBAGE, O_SPAWN };
 	static const struct option opts[] = {
 		{ "policy", required_argument, 0, O_POLICY },
 		{ "prio", required_argument, 0, O_PRIO },
@@ -371,6 +417,8 @@ int main(int argc, char **argv)
 		{ "cpu", required_argument, 0, O_CPU },
 		{ "hammer", required_argument, 0, O_HAMMER },
 		{ "getpid-loop", required_argument, 0, O_GETPID },
+		{ "garbage", required_argument, 0, O_GARBAGE },
+		{ "spawn", required_argument, 0, O_SPAWN },
 		{ "help", no_argument, 0, 'h' },
 		{ 0, 0, 0, 0 },
 	};
@@ -407,6 +455,8 @@ int main(int argc, char **argv)
 		case O_CPU: c.cpu = (long)parse_uint("--cpu", optarg); break;
 		case O_HAMMER: c.hammer = parse_uint("--hammer", optarg); break;
 		case O_GETPID: c.getpid_loop = parse_uint("--getpid-loop", optarg); break;
+		case O_GARBAGE: c.garbage = parse_uint("--garbage", optarg); break;
+		case O_SPAWN: c.spawn = parse_uint("--spawn", optarg); break;
 		case 'h':
 			fputs(usage_text, stdout);
 			return 0;
@@ -455,6 +505,10 @@ int main(int argc, char **argv)
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
 
+	if (c.garbage)
+		return run_garbage(&c);
+	if (c.spawn)
+		return run_spawn(&c);
 	if (c.hammer)
 		return run_hammer(&c);
 	if (c.getpid_loop) {
