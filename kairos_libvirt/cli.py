@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("uninstall-hook", help="remove our hook (only ours)")
     p.set_defaults(func=cmd_uninstall_hook)
 
-    from . import ops_cli
+    from . import analyze_cli, ops_cli
+    analyze_cli.add_parser(sub).set_defaults(func=analyze_cli.run)
     ops_cli.add_parsers(sub)
     return ap
 

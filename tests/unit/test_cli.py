@@ -89,5 +89,18 @@ def test_remove_takes_no_other_option():
 
 def test_help_lists_commands():
     out = run("--help").stdout
-    for c in ("validate", "declare", "status", "ledger", "install-hook", "uninstall-hook"):
+    for c in ("validate", "declare", "status", "ledger", "install-hook", "uninstall-hook",
+              "analyze", "check", "top", "metrics", "reconcile"):
         assert c in out
+
+
+def test_analyze_through_kairosvm(tmp_path):
+    import json
+    f = tmp_path / "tasks.yaml"
+    f.write_text("scheduler: edf\nvcpus: 1\ntasks:\n  - {name: a, runtime: 2ms, period: 10ms}\n")
+    res = run("analyze", str(f), "--period", "10ms", "--model", "prm", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["schedulable"] and doc["vcpus"][0]["period_us"] == 10000
+    # PRM with period 10ms for C=2ms,T=10ms: the exact minimal budget (blackout 2(Π-Θ)).
+    assert doc["vcpus"][0]["budget_us"] == 6000
