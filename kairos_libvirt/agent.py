@@ -468,6 +468,31 @@ def _supervise(name: str, cfg: _config.HostConfig) -> int:
         _remove_pid(pidfile)
 
 
+_SYSLOG_PRIO = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                logging.CRITICAL: 2}
+
+
+class _JournalPrio(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.prio = _SYSLOG_PRIO.get(record.levelno, 6)
+        return True
+
+
+def _setup_logging() -> None:
+    """Under systemd (JOURNAL_STREAM set) journald gets real levels and adds its own
+    timestamps; elsewhere, timestamped lines for /var/log/kairos/NAME.log."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.addFilter(_JournalPrio())
+        handler.setFormatter(logging.Formatter("<%(prio)d>%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(prog="kairosvm-agent",
                                  description="Per-domain real-time agent (started by the hook).")
@@ -475,8 +500,7 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--worker", action="store_true",
                     help="run the agent itself (default: supervise one that does)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    _setup_logging()
     if not paths.valid_name(args.domain):
         log.error("invalid domain name %r", args.domain)
         return 2

@@ -224,7 +224,9 @@ def spawn_agent(cfg: _config.HostConfig, name: str) -> None:
     ensure_dir(paths.domain_dir(cfg, name))
     if os.path.isdir("/run/systemd/system") and shutil.which("systemctl") and \
             os.path.exists("/etc/systemd/system/kairosvm-agent@.service"):
-        subprocess.run(["systemctl", "start", "--no-block", f"kairosvm-agent@{name}.service"],
+        unit = subprocess.run(["systemd-escape", "--template=kairosvm-agent@.service", name],
+                              capture_output=True, text=True, check=False).stdout.strip()
+        subprocess.run(["systemctl", "start", "--no-block", unit or f"kairosvm-agent@{name}.service"],
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, check=False)
         return
