@@ -239,10 +239,10 @@ def test_shipped_unit_parses_and_runs_the_agent_per_domain():
         ini = unit_ini(f.read())
     svc = ini["Service"]
     # systemd supervises: the unit runs the worker, not the agent's own supervisor.
-    assert svc["ExecStart"] == f"{ops_cli.SHIPPED_AGENT} --worker %i"
+    assert svc["ExecStart"] == f"{ops_cli.SHIPPED_AGENT} --worker %I"
     assert svc["Restart"] == "on-failure" and svc["Type"] == "simple"
     assert svc["StandardError"] == "journal" and "KillMode" not in svc  # whole cgroup
-    assert "%i" in ini["Unit"]["Description"]
+    assert "%I" in ini["Unit"]["Description"]
 
 
 def test_install_units_points_exec_start_at_the_installed_agent(tmp_path, capsys):
@@ -254,7 +254,7 @@ def test_install_units_points_exec_start_at_the_installed_agent(tmp_path, capsys
     unit = (tmp_path / "etc/systemd/system" / ops_cli.UNIT_NAME).read_text()
     exec_start = unit_ini(unit)["Service"]["ExecStart"].split()
     agent = os.path.join(os.path.dirname(sys.executable), "kairosvm-agent")
-    assert exec_start == [agent, "--worker", "%i"] and os.access(agent, os.X_OK)
+    assert exec_start == [agent, "--worker", "%I"] and os.access(agent, os.X_OK)
     rot = (tmp_path / "etc/logrotate.d/kairosvm").read_text()
     assert "/var/log/kairos/*.log {" in rot
     # Again: nothing to do.
