@@ -9,10 +9,9 @@ libvirtd: see kmod/README.md), then:
    thread in L1 with SCHED_DEADLINE, as the agent does: rtprog deadline 2ms/10ms (the task appears,
    the reservation grows, the exit shrinks it back), cyclictest -p 50 -i 5000 (observed period);
    text intact after close;
-2. the same deadline phase with the **gdbstub** backend (QEMU's gdbstub through QMP's HMP
-   passthrough, the project's RspClient, resume at site + 5) for the reaction latency;
-3. the benchmark (intro_bench.py): getpid calls with the site untrapped, trapped by
-   kvm-ud, trapped by gdbstub, in the same L2.
+2. the benchmark (intro_bench.py): getpid calls with the site untrapped, trapped by kvm-ud,
+   and the gdbstub backend's per-event cost in the same L2 (emulated: see there why no gdbstub
+   breakpoint can fire on a KVM L2 in this testbed, so no gdbstub reaction latency either).
 
 Writes OUT/intro.json; tests/nested/test_introspection_nested.py asserts on it.
 """
@@ -40,6 +39,7 @@ from kairos_libvirt.model import VcpuSched  # noqa: E402
 
 GUEST_VMLINUZ = "/var/lib/kairos/guest/vmlinuz"
 DECLARED = VcpuSched("deadline", runtime_ns=1_000_000, period_ns=10_000_000, deadline_ns=10_000_000)
+FIFO_DECLARED = VcpuSched("deadline", runtime_ns=4_000_000, period_ns=10_000_000, deadline_ns=10_000_000)
 CEILING = Fraction(6, 10)
 
 
@@ -173,12 +173,12 @@ class TimedIntrospector(Introspector):
 class Enforcer:
     """The agent's enforcement loop, reduced: apply what the Introspector adapts to vCPU 0."""
 
-    def __init__(self, intro: Introspector, tid: int) -> None:
+    def __init__(self, intro: Introspector, tid: int, declared: VcpuSched = DECLARED) -> None:
         self.intro, self.tid = intro, tid
-        self.applied = DECLARED
+        self.applied = declared
         self.changes: list = []          # (monotonic_ns, runtime_ns, period_ns, source)
         self.stop = threading.Event()
-        sched.set_deadline(tid, DECLARED.runtime_ns, DECLARED.effective_deadline_ns, DECLARED.period_ns)
+        sched.set_deadline(tid, declared.runtime_ns, declared.effective_deadline_ns, declared.period_ns)
         self.t = threading.Thread(target=self._loop, daemon=True)
         self.t.start()
 
@@ -230,12 +230,13 @@ def dl_phase(l2: L2, intro: "TimedIntrospector", res: dict, count: int) -> None:
     res["changes"] = [(round((c[0] - enf.changes[0][0]) / 1e6, 1),) + c[1:] for c in enf.changes]
 
 
-def start_intro(backend, res: dict, tid: int, timeout: float = 180) -> "TimedIntrospector":
+def start_intro(backend, res: dict, tid: int, timeout: float = 180,
+                declared: VcpuSched = DECLARED) -> "TimedIntrospector":
     """The runtime plus the agent's enforcement loop (which also calls tick(): sampling re-arms)."""
-    intro = TimedIntrospector(backend, backends.symbol_loader(GUEST_VMLINUZ), {0: DECLARED}, {0: CEILING})
+    intro = TimedIntrospector(backend, backends.symbol_loader(GUEST_VMLINUZ), {0: declared}, {0: CEILING})
     t0 = now()
     intro.start()
-    intro.enforcer = Enforcer(intro, tid)
+    intro.enforcer = Enforcer(intro, tid, declared)
     wait(lambda: intro.status.state in ("running", "failed"), timeout, "introspection to attach", 0.1)
     res["attach_s"] = round(now() - t0, 2)
     res["state"], res["error"] = intro.status.state, intro.status.error
@@ -273,6 +274,19 @@ def main() -> int:
         intro = start_intro(be, k, l2.vcpu_tid)
         rsyms, sites = intro.rsyms, dict(intro.status.sites)
         dl_phase(l2, intro, k, a.dl_count)
+        k["counters_dl"] = counters(be.counters)
+        intro.enforcer.close()
+        intro.stop()
+        # the text is intact: every site holds the NOP again
+        with kvmud.KvmUd.attach(l2.qemu.pid) as ud:
+            k["sites_after_close"] = {n: ud.peek(addr, 5)[0].hex() for n, addr in sites.items()}
+            k["armed_mask_after_close"] = ud.counters().armed_mask
+        k["state_after_stop"] = intro.status.state
+
+        # -- 1b. cyclictest, declared 4 ms / 10 ms as in tests/e2e (1 ms starves L2 into skipped periods)
+        be, note = backends.make("kvm-ud", "l2", None, l2.qemu.pid, "/tmp/kt-intro/dom")
+        f = k["fifo_run"] = {}
+        intro = start_intro(be, f, l2.vcpu_tid, declared=FIFO_DECLARED)
         pos = l2.run("fifo", 8)
 
         def periodic():
@@ -281,32 +295,22 @@ def main() -> int:
         t = wait(periodic, 60, "cyclictest's period")
         k["fifo"] = {k2: t[k2] for k2 in ("policy", "priority", "observed_period_ns", "jitter_ns", "samples")}
         l2.wait_done("fifo", pos, 60)
-        k["counters"] = counters(be.counters)
-        k["kernel"] = dict(be.kernel)
+        f["counters"] = counters(be.counters)
+        f["kernel"] = dict(be.kernel)
         intro.enforcer.close()
         intro.stop()
-        k["state_after_stop"] = intro.status.state
-        # the text is intact: every site holds the NOP again
-        with kvmud.KvmUd.attach(l2.qemu.pid) as ud:
-            k["sites_after_close"] = {n: ud.peek(addr, 5)[0].hex() for n, addr in sites.items()}
-            k["armed_mask_after_close"] = ud.counters().armed_mask
+        sched.set_other(l2.vcpu_tid)   # the benchmark measures the traps, not a throttled vCPU
 
-        # -- 2. gdbstub: the same deadline phase, for the reaction latency --------------------
-        g = res["gdbstub"] = {}
-        gbe = gdbstub_backend(l2, "/tmp/kt-intro/gdb")
-        intro = start_intro(gbe, g, l2.vcpu_tid)
-        dl_phase(l2, intro, g, 100)
-        g["counters"] = counters(gbe.counters)
-        intro.enforcer.close()
-        intro.stop()
-        # the benchmark measures the traps, not a 10 % vCPU: back to SCHED_OTHER
-        sched.set_other(l2.vcpu_tid)
-
-        # -- 3. the benchmark --------------------------------------------------------------
+        # -- 2. the benchmark (before the gdbstub phase: a failure there must not cost the figures)
         import intro_bench
         res["bench"] = intro_bench.run(l2, rsyms, lambda d: gdbstub_backend(l2, d, rate=1e9, burst=1e9))
         with kvmud.KvmUd.attach(l2.qemu.pid) as ud:
             res["bench"]["site_after"] = ud.peek(res["bench"]["site"], 5)[0].hex()
+
+        # -- 3. gdbstub: no trap can be planted in this testbed (see intro_bench.py); the agent's fallback
+        # choice is covered by tests/unit and tests/e2e.
+        res["gdbstub"] = {"phase_error": "not run: no gdbstub breakpoint fires on a KVM L2 in this testbed "
+                                         "(INT3 is not intercepted by TCG's SVM, hardware breakpoints never hit)"}
         res["guest_oops"] = bool(re.search(r"invalid opcode|Oops|BUG:|Kernel panic", l2.con.poll()))
     except Exception:
         res["errors"].append(traceback.format_exc())
