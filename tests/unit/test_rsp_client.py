@@ -18,53 +18,8 @@ from kairos_libvirt.introspect.rsp.registers import RegisterTable, parse_target_
 Step = Tuple[str, bytes]
 
 
-def send(data: bytes) -> Step:
-    return ("send", data)
-
-
-def recv(data: bytes) -> Step:
-    return ("recv", data)
-
-
-TIMEOUT: Step = ("timeout", b"")
-
-
-class FakeTransport:
-    """Strict replay of a conversation (same contract as in test_rsp_session)."""
-
-    def __init__(self, *script: Step) -> None:
-        self.script = deque(script)
-        self.closed = False
-
-    def send(self, data: bytes) -> None:
-        assert not self.closed, "send after close"
-        data = bytes(data)
-        while data:
-            assert self.script and self.script[0][0] == "send", \
-                f"client sent {data!r}, script expects {self.script[0] if self.script else 'nothing'}"
-            want = self.script[0][1]
-            n = min(len(want), len(data))
-            assert data[:n] == want[:n], f"client sent {data!r}, script expects {want!r}"
-            data = data[n:]
-            if n == len(want):
-                self.script.popleft()
-            else:
-                self.script[0] = ("send", want[n:])
-
-    def recv(self, timeout: Optional[float]) -> bytes:
-        assert not self.closed, "recv after close"
-        assert self.script and self.script[0][0] != "send", \
-            f"client reads, script expects it to send {self.script[0] if self.script else 'nothing'}"
-        kind, data = self.script.popleft()
-        if kind == "timeout":
-            raise TimeoutError("scripted")
-        return data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def done(self) -> bool:
-        return not self.script
+# The strict replaying transport, shared with the session tests.
+from .test_rsp_session import TIMEOUT, FakeTransport, recv, send  # noqa: E402
 
 
 def x(request: bytes, reply: bytes) -> List[Step]:
