@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 from fractions import Fraction
-from typing import Callable, Dict, List, Optional
+from typing import List, Optional
 
 from . import STATE_NS, __version__, spec
 from . import config as _config

@@ -136,7 +136,6 @@ class Introspector:
             log.warning("closing the %s backend: %s", self.backend.name, exc)
 
     def _attach(self) -> None:
-        from . import layout as _layout
         from .symbols import fentry_site
         self.backend.open()
         read = self.backend.read

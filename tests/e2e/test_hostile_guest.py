@@ -51,7 +51,7 @@ def test_hostile_guest_gets_nothing_above_the_ceiling(domains):
     virsh("start", bystander, check=True)
     by_before = enforced_state(bystander, 1).vcpus[0]
     name = domains.define('<kairos:default policy="deadline" runtime="3ms" period="10ms"/>'
-                          f'<kairos:introspection backend="gdbstub" ceiling="0.4"/>',
+                          '<kairos:introspection backend="gdbstub" ceiling="0.4"/>',
                           vcpus=1, cmdline=runs)
     virsh("start", name, check=True)
     running_introspection(name)

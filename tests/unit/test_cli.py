@@ -11,7 +11,7 @@ import pytest
 
 from kairos_libvirt import cli
 from kairos_libvirt.errors import DeclarationError
-from kairos_libvirt.spec import Declaration, VcpuSched
+from kairos_libvirt.spec import VcpuSched
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
 

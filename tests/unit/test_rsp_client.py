@@ -4,8 +4,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections import deque
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 
