@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from kairos_libvirt.introspect.kvmud import API_VERSION
+from tests.conftest import skip_or_fail
 
 pytestmark = pytest.mark.nested
 
