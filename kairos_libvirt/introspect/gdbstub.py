@@ -66,6 +66,8 @@ class GdbstubBackend:
     """Owns the RSP connection; runs its loop in a thread of the agent."""
 
     name = "gdbstub"
+    cheap_traps = False
+    identifies_tasks = True
 
     #: 50 hits/s at the 3-4.5 ms a hit costs under TCG (DESIGN.md §2) bounds the
     #: time the guest stands stopped for us to about 20 %.

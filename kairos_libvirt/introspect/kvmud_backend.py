@@ -137,6 +137,11 @@ class KvmUdBackend:
     """Introspection through the patched KVM; the guest keeps running at every trap."""
 
     name = "kvm-ud"
+    #: A trap costs microseconds and never stops the guest: keep the sleep
+    #: sites armed (no sampling windows).
+    cheap_traps = True
+    #: Events carry no GS base: task ids/comm cannot be read, skip the layout.
+    identifies_tasks = False
 
     def __init__(self, qemu_pid: int, attach: Optional[Callable[[int], "kvmud.KvmUd"]] = None,
                  rate: int = RATE, burst: int = BURST, timeout_ms: int = OP_TIMEOUT_MS) -> None:

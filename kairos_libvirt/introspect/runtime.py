@@ -157,6 +157,9 @@ class Introspector:
     def _discover_layout(self, read: Callable[[int, int], bytes]) -> None:
         """task_struct offsets need init and kthreadd to exist: retry until they do."""
         from . import layout as _layout
+        if not getattr(self.backend, "identifies_tasks", True):
+            self._layout_at = float("inf")  # this backend's events cannot name tasks
+            return
         self._layout_at = time.monotonic() + LAYOUT_RETRY_S
         self.status.notes = [n for n in self.status.notes if not n.startswith("task ids")]
         try:
@@ -194,6 +197,8 @@ class Introspector:
 
     def _sampling_policy(self) -> None:
         """Learn periods, then stop paying for clock_nanosleep traps (re-sample now and then)."""
+        if getattr(self.backend, "cheap_traps", False):
+            return
         now = time.monotonic()
         if self._sleep_armed and self.model.stable() and self.model.rt_tasks():
             for a in self._sleep_sites:

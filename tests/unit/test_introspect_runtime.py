@@ -512,3 +512,23 @@ def test_symbol_loader_falls_back_to_memory(monkeypatch, tmp_path):
     assert backends.symbol_loader("/boot/vmlinuz")(lambda a, n: b"") == 7
     assert calls == ["vmlinuz", "memory"]
     assert backends.symbol_loader(None)(lambda a, n: b"") == 7
+
+
+def test_cheap_traps_keep_sleep_sites_armed_and_no_layout(monkeypatch):
+    import kairos_libvirt.introspect.layout as layout
+    called = []
+    monkeypatch.setattr(layout, "discover_layout", lambda *a: called.append(1))
+    be = FakeBackend()
+    be.cheap_traps, be.identifies_tasks = True, False
+    intro = runtime.Introspector(be, lambda read: FakeSymbols(),
+                                 {0: VcpuSched("deadline", 1_000_000, 10_000_000)},
+                                 {0: Fraction(1, 2)})
+    intro._sleep_sites = [0x4000]
+    be.armed.add(0x4000)
+    intro.model.apply(sched_ev("a", SchedRequest("fifo", 1)))
+    for i in range(STABLE_SAMPLES + 2):
+        intro.model.apply(sleep_ev("a", 10**9 + i * 1_000_000, t=i))
+    intro._sampling_policy()
+    assert 0x4000 in be.armed           # gdbstub would have disarmed it
+    intro._discover_layout(be.read)
+    assert not called and intro.layout is None
