@@ -225,7 +225,7 @@ def test_install_units_into_a_root(libvirt_env, tmp_path):
     assert "etc/logrotate.d does not exist; no logrotate here" in res.stdout
     unit = (tmp_path / "etc/systemd/system/kairosvm-agent@.service").read_text()
     agent = os.path.join(os.path.dirname(sys.executable), "kairosvm-agent")
-    assert f"\nExecStart={agent} --worker %i\n" in unit
+    assert f"\nExecStart={agent} --worker %I\n" in unit
     # The agent the unit names really is this checkout's agent, and takes --worker.
     out = subprocess.run([agent, "--help"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "kairosvm-agent" in out.stdout and "--worker" in out.stdout
