@@ -2,7 +2,8 @@
 
 ``run`` is OUT/result.json (the kvm-ud patch: tests/nested/test_kvmud.py), ``intro`` is
 OUT/intro.json (the agent's runtime with the kvm-ud and gdbstub backends and the benchmark:
-tests/nested/test_introspection.py).  ``KAIROS_TESTBED_RESULT=/path/result.json`` reuses a
+tests/nested/test_introspection.py); OUT/libvirt.json (libvirtd + hook + agent in L1) is read by
+tests/nested/test_libvirt_in_l1.py through ``testbed_out``.  ``KAIROS_TESTBED_RESULT=/path/result.json`` reuses a
 finished run (its intro.json next to it).
 """
 from __future__ import annotations

@@ -1,0 +1,78 @@
+"""libvirtd, our hook and the real per-domain agent inside L1 (marker ``nested``).
+
+scripts/testbed.d/libvirt.py runs in L1 after the other phases: libvirtd (no systemd) with
+``kairosvm install-hook``, an L2 ``<domain type='kvm'>`` under L1's patched KVM declared deadline
+1ms/10ms with ``<kairos:introspection backend='kvm-ud' ceiling='0.6'/>``, its guest looping
+``rtprog --policy deadline --runtime 2ms --period 10ms --count 300; sleep 6``; ``virsh start``,
+then ``virsh metadata ... --live`` / ``kairosvm status --json`` / ``sched_getattr`` on the vCPU
+thread in L1, ``virsh destroy``, ``kairosvm ledger --json``.  It writes OUT/libvirt.json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.nested
+
+DECLARED = {"policy": "deadline", "runtime_ns": 1_000_000, "deadline_ns": 10_000_000, "period_ns": 10_000_000}
+
+
+@pytest.fixture(scope="module")
+def lv(testbed_out: Path) -> dict:
+    p = testbed_out / "libvirt.json"
+    if not p.exists():
+        pytest.fail(f"the testbed wrote no {p} (see l1-console.log next to it)")
+    return json.loads(p.read_text())
+
+
+def test_libvirt_phase_reported_no_error(lv: dict) -> None:
+    assert lv["errors"] == [], "\n".join(lv["errors"])
+
+
+def test_virsh_start_runs_the_hook_and_admits_the_domain(lv: dict) -> None:
+    assert lv["hook_file"] and lv["domcaps_kvm"]
+    assert lv["start"]["rc"] == 0, lv["start"]
+    # prepare begin reserved the declared 1ms/10ms in the ledger before QEMU ran
+    g = lv["ledger_running"]["domains"]["kt-l2"]["granted"]["0"]
+    assert (g["policy"], g["runtime_ns"], g["period_ns"]) == ("deadline", 1_000_000, 10_000_000)
+
+
+def test_agent_introspects_with_kvm_ud_not_the_fallback(lv: dict) -> None:
+    for i in (lv["introspection"], lv["introspection_end"], lv["status_end"]["introspection"]):
+        assert i["backend"] == "kvm-ud" and i["state"] == "running" and i["error"] is None, i
+        assert not any("falling back" in n or "gdbstub" in n for n in i["notes"]), i["notes"]
+    e = lv["introspection_end"]
+    assert e["hits"] > 0 and e["decoded"] > 0 and e["handler_ns"] == 0  # the guest never stopped
+    assert e["rejected"] <= e["hits"] // 10 and e["suppressed"] == 0, e
+
+
+def test_guest_deadline_task_seen_through_status(lv: dict) -> None:
+    t = lv["task"]
+    assert (t["policy"], t["runtime_ns"], t["deadline_ns"], t["period_ns"], t["vcpu"]) == \
+        ("deadline", 2_000_000, 10_000_000, 10_000_000, 0)
+
+
+def test_vcpu_thread_takes_the_analysed_interface_then_shrinks_back(lv: dict) -> None:
+    g = lv["grown"]
+    v, k = g["status_vcpu"], g["kernel"]
+    assert v["source"] == "introspection" and v["tid"] == lv["vcpu_tid"]
+    # sched_getattr on the vCPU thread in L1 is what status reports, and covers the interface
+    assert (k["policy"], k["runtime_ns"], k["deadline_ns"], k["period_ns"]) == \
+        ("deadline", v["runtime_ns"], v["deadline_ns"], v["period_ns"])
+    i = v["interface"]
+    assert i["budget_ns"] >= 2_000_000 and k["runtime_ns"] >= i["budget_ns"] and k["period_ns"] == i["period_ns"]
+    assert k["runtime_ns"] * 10 <= k["period_ns"] * 6  # never above the 0.6 ceiling
+    assert f"{k['runtime_ns']}/{k['deadline_ns']}/{k['period_ns']}" in g["chrt"]
+    assert 'source="introspection"' in g["live_state"]
+    b = lv["back"]
+    assert b["kernel"] == DECLARED and b["status_vcpu"]["source"] == "declared" and b["tasks"] == 0
+    assert "1000000/10000000/10000000" in b["chrt"]
+
+
+def test_virsh_destroy_leaves_no_ledger_entry_and_no_agent(lv: dict) -> None:
+    assert lv["destroy"]["rc"] == 0, lv["destroy"]
+    assert lv["ledger_after_destroy"]["domains"] == {}
+    assert lv["agent_exit_s"] is not None, "the agent outlived its domain"
+    assert not lv["agent_dir_after_destroy"]
