@@ -203,7 +203,7 @@ def run(r: dict) -> None:
             if tk.get("policy") == "deadline":
                 return d, tk
         return None
-    d, tk = wait(task, 120, "the guest's deadline task", 0.5)
+    d, tk = wait(task, 180, "the guest's deadline task", 0.5)
     r["task"] = {k: tk.get(k) for k in ("policy", "runtime_ns", "deadline_ns", "period_ns", "vcpu", "comm")}
     r["task_s"] = round(time.monotonic() - a, 1)
     log(f"task {r['task']} after {r['task_s']} s")
