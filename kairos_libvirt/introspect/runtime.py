@@ -33,7 +33,9 @@ MAX_DELAY_S = 0.5
 #: are learnt (a period change is noticed within RESAMPLE_EVERY_S).
 RESAMPLE_EVERY_S = 10.0
 RESAMPLE_FOR_S = 1.0
-ATTACH_TIMEOUT_S = 120.0
+#: A guest booting under a small reservation (or nested) can take minutes
+#: to reach its kernel; the error is in the live state meanwhile (state "waiting").
+ATTACH_TIMEOUT_S = 600.0
 ATTACH_RETRY_S = 2.0
 LAYOUT_RETRY_S = 5.0
 

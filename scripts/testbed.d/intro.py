@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Introspection phase of the nested testbed: the agent's runtime on a real KVM guest (runs in L1).
 
-Boots L2 (the project's guest + /bin/kt-intro, 1 vCPU) under L1's patched KVM with plain QEMU (no
-libvirtd: see kmod/README.md), then:
+Boots L2 (the project's guest + /bin/kt-intro, 1 vCPU) under L1's patched KVM with plain QEMU (the
+libvirtd phase, libvirt.py, runs the whole product), then:
 
 1. runs the agent's :class:`Introspector` with the **kvm-ud** backend (``backends.make`` picks it
    because the patched KVM is loaded and QEMU has a VM fd) and enforces what it adapts on L2's vCPU

@@ -7,12 +7,12 @@ Runs in L1 (chroot on the host's / under a tmpfs overlay) after the other phases
    /var/log/kairos, /etc/libvirt/qemu: nothing of the host's daemon or domains is seen), user/group
    libvirt-qemu, qemu.conf with user/group root and no security driver; ``virtlogd -d; libvirtd -d``;
    ``kairosvm install-hook`` (writes the hook, SIGHUPs libvirtd);
-2. defines an L2 ``<domain type='kvm'>`` (the project's guest, 1 vCPU) declared deadline 1ms/10ms with
+2. defines an L2 ``<domain type='kvm'>`` (the project's guest, 1 vCPU) declared deadline 1.5ms/10ms with
    ``<kairos:introspection backend='kvm-ud' ceiling='0.6'/>``, its init looping
    ``rtprog --policy deadline --runtime 2ms --period 10ms --count 300; sleep 6``; ``virsh start``;
 3. through ``virsh metadata ... --live`` and ``kairosvm status --json``: introspection kvm-ud running (no
    fallback note), the 2ms/10ms task, the vCPU thread's SCHED_DEADLINE (sched_getattr in L1) becoming
-   the analysed interface (source=introspection) and shrinking back to 1ms/10ms after the program exits;
+   the analysed interface (source=introspection) and shrinking back to 1.5ms/10ms after the program exits;
 4. ``virsh destroy``: no ledger entry left (``kairosvm ledger --json``), the agent gone.
 
 Writes OUT/libvirt.json; tests/nested/test_libvirt_in_l1.py asserts on it.
@@ -71,7 +71,7 @@ def wait(pred, timeout: float, what: str, interval: float = 0.3):
 
 def domain_xml() -> str:
     decl = ("<kairos:realtime xmlns:kairos='http://kairosvm.org/xmlns/libvirt/realtime/1.0'>"
-            "<kairos:default policy='deadline' runtime='1ms' period='10ms'/>"
+            "<kairos:default policy='deadline' runtime='1500us' period='10ms'/>"
             "<kairos:introspection backend='kvm-ud' ceiling='0.6'/>"
             "</kairos:realtime>")
     return f"""<domain type='kvm'>
@@ -213,7 +213,7 @@ def run(r: dict) -> None:
         v = (d.get("vcpus") or [{}])[0]
         if v.get("source") == "introspection" and v.get("interface"):
             k = kernel(tid)
-            if k["policy"] == "deadline" and k["runtime_ns"] > 1_000_000:
+            if k["policy"] == "deadline" and k["runtime_ns"] > 1_500_000:
                 return d, v, k
         return None
     d, v, k = wait(grown, 30, "the vCPU to take the analysed interface", 0.2)
@@ -226,7 +226,7 @@ def run(r: dict) -> None:
         v = (d.get("vcpus") or [{}])[0]
         if v.get("source") == "declared" and not d.get("guest_tasks"):
             k = kernel(tid)
-            if k["runtime_ns"] == 1_000_000:
+            if k["runtime_ns"] == 1_500_000:
                 return d, v, k
         return None
     d, v, k = wait(back, 60, "the program to exit and the reservation to shrink back", 0.2)

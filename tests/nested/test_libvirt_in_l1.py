@@ -2,7 +2,7 @@
 
 scripts/testbed.d/libvirt.py runs in L1 after the other phases: libvirtd (no systemd) with
 ``kairosvm install-hook``, an L2 ``<domain type='kvm'>`` under L1's patched KVM declared deadline
-1ms/10ms with ``<kairos:introspection backend='kvm-ud' ceiling='0.6'/>``, its guest looping
+1.5ms/10ms with ``<kairos:introspection backend='kvm-ud' ceiling='0.6'/>``, its guest looping
 ``rtprog --policy deadline --runtime 2ms --period 10ms --count 300; sleep 6``; ``virsh start``,
 then ``virsh metadata ... --live`` / ``kairosvm status --json`` / ``sched_getattr`` on the vCPU
 thread in L1, ``virsh destroy``, ``kairosvm ledger --json``.  It writes OUT/libvirt.json.
@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.nested
 
-DECLARED = {"policy": "deadline", "runtime_ns": 1_000_000, "deadline_ns": 10_000_000, "period_ns": 10_000_000}
+DECLARED = {"policy": "deadline", "runtime_ns": 1_500_000, "deadline_ns": 10_000_000, "period_ns": 10_000_000}
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,9 @@ def test_libvirt_phase_reported_no_error(lv: dict) -> None:
 def test_virsh_start_runs_the_hook_and_admits_the_domain(lv: dict) -> None:
     assert lv["hook_file"] and lv["domcaps_kvm"]
     assert lv["start"]["rc"] == 0, lv["start"]
-    # prepare begin reserved the declared 1ms/10ms in the ledger before QEMU ran
+    # prepare begin reserved the declared 1.5ms/10ms in the ledger before QEMU ran
     g = lv["ledger_running"]["domains"]["kt-l2"]["granted"]["0"]
-    assert (g["policy"], g["runtime_ns"], g["period_ns"]) == ("deadline", 1_000_000, 10_000_000)
+    assert (g["policy"], g["runtime_ns"], g["period_ns"]) == ("deadline", 1_500_000, 10_000_000)
 
 
 def test_agent_introspects_with_kvm_ud_not_the_fallback(lv: dict) -> None:
@@ -68,7 +68,7 @@ def test_vcpu_thread_takes_the_analysed_interface_then_shrinks_back(lv: dict) ->
     assert 'source="introspection"' in g["live_state"]
     b = lv["back"]
     assert b["kernel"] == DECLARED and b["status_vcpu"]["source"] == "declared" and b["tasks"] == 0
-    assert "1000000/10000000/10000000" in b["chrt"]
+    assert "1500000/10000000/10000000" in b["chrt"]
 
 
 def test_virsh_destroy_leaves_no_ledger_entry_and_no_agent(lv: dict) -> None:
