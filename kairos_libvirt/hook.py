@@ -106,24 +106,20 @@ def prepare(cfg: _config.HostConfig, name: str, xml: bytes) -> None:
             assert mount is not None  # host_checks refused otherwise
             rtgroups.check_headroom(state, os.path.join(mount, "machine"), rt)
         entry = ledger.admit(state, name, info.uuid, scheds)
-        intro = info.declaration.introspection
-        entry["introspection"] = {
-            "backend": intro.backend,
-            "ceilings": {str(v): str(info.declaration.ceiling_for(s)) for v, s in scheds.items()},
-            "kernel": info.kernel}
+        entry["introspection"] = _introspection_entry(info, scheds)
         ensure_dir(paths.domain_dir(cfg, name))
     log.info("%s: admitted %s", name, ", ".join(
         f"vCPU {v} {s.policy} {format_ns(s.runtime_ns)}/{format_ns(s.period_ns)}"
         for v, s in scheds.items()))
 
 
-def started(cfg: _config.HostConfig, name: str) -> None:
-    ledger = Ledger(cfg)
-    with ledger.locked() as state:
-        entry = ledger.mark_running(state, name, proc.qemu_pid(name))
-    if entry is None:
-        return
-    spawn_agent(cfg, name)
+def _introspection_entry(info: DomainInfo, scheds: Dict[int, VcpuSched]) -> dict:
+    """What the agent needs of ``<introspection>``, kept in the ledger entry."""
+    decl = info.declaration
+    assert decl is not None
+    return {"backend": decl.introspection.backend,
+            "ceilings": {str(v): str(decl.ceiling_for(s)) for v, s in scheds.items()},
+            "kernel": info.kernel}
 
 
 def reconnect(cfg: _config.HostConfig, name: str, xml: bytes) -> None:
@@ -138,15 +134,12 @@ def reconnect(cfg: _config.HostConfig, name: str, xml: bytes) -> None:
             # /run/kairos was lost while the domain kept running: record it again.
             scheds = info.declaration.resolve(info.vcpus_max)
             try:
-                ledger.admit(state, name, info.uuid, scheds)
+                entry = ledger.admit(state, name, info.uuid, scheds)
             except AdmissionError as exc:
+                # It runs already: record it anyway, and say so.
                 log.error("%s: running domain re-recorded over capacity: %s", name, exc)
-                state["domains"][name] = {"uuid": info.uuid, "state": "running", "since": time.time(),
-                                          "qemu_pid": None, "vcpus": {}, "granted": {}}
-                for v, s in scheds.items():
-                    from .ledger import sched_to_json
-                    state["domains"][name]["vcpus"][str(v)] = sched_to_json(s)
-                state["domains"][name]["granted"] = dict(state["domains"][name]["vcpus"])
+                entry = ledger.record(state, name, info.uuid, scheds)
+            entry["introspection"] = _introspection_entry(info, scheds)
             ensure_dir(paths.domain_dir(cfg, name))
         ledger.mark_running(state, name, proc.qemu_pid(name))
     spawn_agent(cfg, name)
@@ -312,8 +305,8 @@ def main(argv: Optional[list] = None, stdin: Optional[bytes] = None) -> int:
         if (op, subop) == ("prepare", "begin"):
             xml = sys.stdin.buffer.read() if stdin is None else stdin
             prepare(cfg, name, xml)
-        elif (op, subop) == ("started", "begin"):
-            started(cfg, name)
+        # "started begin" never reaches Python: hooks/qemu spawns the agent itself
+        # (one interpreter less in virsh start), and the agent marks the entry running.
         elif op in ("stopped", "release") and subop == "end":
             release(cfg, name)
         elif (op, subop) == ("reconnect", "begin"):

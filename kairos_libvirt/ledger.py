@@ -204,6 +204,10 @@ class Ledger:
                 f"{format_fraction(cap.total)} is free (held by: {holders}; capacity from "
                 f"{cap.source}). Stop another RT domain, shrink the reservation, or raise "
                 "capacity_share in /etc/kairos/kairos.yaml")
+        return self.record(state, name, uuid, vcpus)
+
+    def record(self, state: dict, name: str, uuid: str, vcpus: Dict[int, VcpuSched]) -> dict:
+        """Write ``name``'s entry without a capacity check (``admit`` checks first)."""
         entry = {"uuid": uuid, "state": "prepared", "since": time.time(), "qemu_pid": None,
                  "vcpus": {str(k): sched_to_json(v) for k, v in vcpus.items()}}
         entry["granted"] = dict(entry["vcpus"])

@@ -101,3 +101,15 @@ def test_refusal_counter_failure_is_logged_not_fatal(env, capsys):
     (env / "metrics").write_text("not a directory")
     rc = hook.main(["c", "prepare", "begin", "-"], stdin=dom("c", "20ms"))
     assert rc == 1 and "runtime 20ms" in capsys.readouterr().err
+
+
+def test_reconnect_records_a_running_domain_even_over_capacity(env, monkeypatch):
+    spawned = []
+    monkeypatch.setattr(hook, "spawn_agent", lambda cfg, name: spawned.append(name))
+    n = len(proc.online_cpus())
+    assert hook.main(["a", "prepare", "begin", "-"], stdin=dom("a", "5ms", vcpus=n)) == 0
+    # /run/kairos lost b's entry while b kept running: record it again, even over capacity.
+    assert hook.main(["b", "reconnect", "begin", "-"], stdin=dom("b", "5ms", vcpus=1)) == 0
+    e = ledger(env)["b"]
+    assert e["granted"] == e["vcpus"] and e["introspection"]["backend"] == "off"
+    assert spawned == ["b"] and (env / "domains" / "b").is_dir()
