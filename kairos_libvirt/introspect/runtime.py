@@ -214,8 +214,8 @@ class Introspector:
         for a in self._sleep_sites:
             self.backend.arm(a)
         self._sleep_armed = True
-        for t in self.model.rt_tasks():
-            t.periods.count = min(t.periods.count, 16 - 4)  # a few fresh samples
+        with self.lock:
+            self.model.resume_sampling(fresh=4)
         self._resample_at = now + RESAMPLE_FOR_S
 
     def tick(self) -> None:

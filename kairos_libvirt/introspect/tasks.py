@@ -26,30 +26,88 @@ WINDOW = 64
 DEFAULT_FP_UTIL_PERMILLE = 100
 
 
+#: A period is looked for among the minimum gap divided by 1..MAX_DIVISOR.
+MAX_DIVISOR = 16
+#: Gaps across a sampling pause (the clock_nanosleep trap disarmed, see
+#: runtime.py) are kept apart: they only refine the period, never widen it.
+MAX_SPANS = 8
+#: Longest gap between two absolute targets that still says something.
+MAX_SPAN_NS = 120 * 10 ** 9
+#: No guest RT period shorter than this is believed (tolerant GCD floor).
+MIN_PERIOD_NS = 10_000
+_STALE = object()
+
+
+def _fits(gap: int, period: int) -> bool:
+    """``gap`` is a whole multiple of ``period`` within 1 % of the period."""
+    r = gap % period
+    return min(r, period - r) * 100 <= period
+
+
+def _largest_divisor(base: int, gaps: List[int]) -> Optional[int]:
+    """The largest base/k (k <= MAX_DIVISOR) of which every gap is a multiple."""
+    for k in range(1, MAX_DIVISOR + 1):
+        p = (base + k // 2) // k
+        if p < MIN_PERIOD_NS:
+            return None
+        if all(_fits(g, p) for g in gaps):
+            return p
+    return None
+
+
 @dataclass
 class PeriodStats:
     samples: List[int] = field(default_factory=list)
+    spans: List[int] = field(default_factory=list)
     count: int = 0
+    _period: object = field(default=None, repr=False, compare=False)
 
     def add(self, ns: int) -> None:
         self.count += 1
         self.samples.append(ns)
         if len(self.samples) > WINDOW:
             del self.samples[0]
+        self._period = _STALE
+
+    def add_span(self, ns: int) -> None:
+        """A gap across a sampling pause: many periods, a whole number of them."""
+        self.spans.append(ns)
+        if len(self.spans) > MAX_SPANS:
+            del self.spans[0]
+        self._period = _STALE
 
     def period(self) -> Optional[int]:
-        """The period: the smallest gap when every gap is a whole multiple of it.
+        """The period: the largest P of which every gap is a whole multiple.
 
-        A periodic task that overruns (or is slowed by the traps themselves)
-        skips wake-ups, as cyclictest does: its absolute targets then differ
-        by whole multiples of the period.  Otherwise the median gap.
+        A periodic task that overruns skips wake-ups, as cyclictest does
+        (``while (now > next) next += interval``).  Under gdbstub traps that
+        cost more than the period, a TCG guest can even settle into a fixed
+        cadence of k periods, so that consecutive samples all show k·T.
+        Absolute targets still differ by whole multiples of T: a tolerant
+        GCD (the minimum gap divided by the smallest k that explains every
+        gap) recovers T, and the spans across sampling pauses (n·T for an
+        arbitrary n) break a fixed cadence.  Among several explanations the
+        largest period wins; when no divisor explains the gaps (a jittery
+        program), the median gap; a span that fits nothing is ignored.
+        Cached: computed once per new gap, not per status read.
         """
+        if self._period is _STALE:
+            self._period = self._estimate()
+        return self._period  # type: ignore[return-value]
+
+    def _estimate(self) -> Optional[int]:
         if not self.samples:
             return None
-        m = min(self.samples)
-        if m > 0 and all(abs(s - round(s / m) * m) * 100 <= m for s in self.samples):
-            return m
-        return self.median
+        base = _largest_divisor(min(self.samples), self.samples)
+        if base is None:
+            return self.median
+        fitted = list(self.samples)
+        for span in self.spans:  # a span that fits no divisor is ignored
+            refined = _largest_divisor(base, fitted + [span])
+            if refined is not None:
+                base = refined
+                fitted.append(span)
+        return base
 
     @property
     def median(self) -> Optional[int]:
@@ -81,6 +139,7 @@ class GuestTask:
     last_sleep_ns: Optional[int] = None      # its length
     periods: PeriodStats = field(default_factory=PeriodStats)
     busy: PeriodStats = field(default_factory=PeriodStats)
+    resumed: bool = False   # the next sleep follows a sampling pause
 
     @property
     def observed_period_ns(self) -> Optional[int]:
@@ -192,12 +251,16 @@ class TaskModel:
         before = t.demand()
         if sleep.absolute:
             target = sleep.time.ns
-            if t.last_target_ns is not None and 0 < target - t.last_target_ns < 10 ** 10:
-                t.periods.add(target - t.last_target_ns)
+            gap = target - t.last_target_ns if t.last_target_ns is not None else 0
+            if t.resumed:
+                if 0 < gap < MAX_SPAN_NS:
+                    t.periods.add_span(gap)
+            elif 0 < gap < 10 ** 10:
+                t.periods.add(gap)
             t.last_target_ns = target
         else:
             length = sleep.time.ns
-            if t.last_call_ns is not None and t.last_sleep_ns is not None:
+            if not t.resumed and t.last_call_ns is not None and t.last_sleep_ns is not None:
                 gap = ev.time_ns - t.last_call_ns
                 if 0 < gap < 10 ** 10:
                     t.periods.add(gap)
@@ -205,10 +268,20 @@ class TaskModel:
                     if busy > 0:
                         t.busy.add(busy)
             t.last_call_ns, t.last_sleep_ns = ev.time_ns, length
+        t.resumed = False
         changed = moved or (t.periods.count <= STABLE_SAMPLES and t.demand() != before)
         if changed:
             self.version += 1
         return changed
+
+    def resume_sampling(self, fresh: int) -> None:
+        """Sleep traps are armed again after a pause: the next gap spans it.
+
+        ``fresh`` samples are wanted before the model counts as stable again.
+        """
+        for t in self.rt_tasks():
+            t.resumed = True
+            t.periods.count = min(t.periods.count, STABLE_SAMPLES - fresh)
 
     def rt_tasks(self) -> List[GuestTask]:
         return [t for t in self.tasks.values() if t.realtime]

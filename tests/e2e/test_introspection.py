@@ -94,7 +94,7 @@ def test_deadline_task_is_found_resizes_the_vcpu_and_shrinks_back(domains):
 
 def test_periodic_fifo_programs_are_observed(domains):
     """cyclictest (unmodified, clock_nanosleep TIMER_ABSTIME every 5 ms) and chrt."""
-    runs = ('kairos.run="sleep 4; cyclictest -p 50 -i 5000 -t 1 -q -D 120" '
+    runs = ('kairos.run="sleep 4; cyclictest -p 50 -i 5000 -t 1 -q -D 600" '
             'kairos.run="sleep 4; while :; do chrt -f 60 sleep 3; sleep 2; done"')
     name = domains.define(intro_decl(runtime="4ms"), vcpus=1, cmdline=runs)
     virsh("start", name, check=True)
@@ -102,10 +102,23 @@ def test_periodic_fifo_programs_are_observed(domains):
 
     def periodic(t):
         return t["policy"] == "fifo" and t["priority"] == 50 and t["observed_period_ns"]
-    st, task = find_task(name, periodic)
-    # Observed period within 5 % of 5 ms, from successive absolute wake-up targets.
-    _, task = find_task(name, lambda t: periodic(t) and (t["samples"] or 0) >= 8, 60)
-    assert abs(task["observed_period_ns"] - 5_000_000) <= 250_000, task
+    find_task(name, periodic)
+    # The observed period converges to 5 ms (within 5 %) from the absolute
+    # wake-up targets.  Traps dearer than 5 ms can lock the TCG guest into a
+    # k·5 ms cadence (CI saw 20 ms for the first samples): the spans across
+    # the sampling pauses (every RESAMPLE_EVERY_S) must break it.
+    seen = []
+
+    def converged():
+        for t in state(name).tasks:
+            if periodic(t) and (t["samples"] or 0) >= 8:
+                seen.append((t["observed_period_ns"], t["jitter_ns"], t["samples"]))
+                return abs(t["observed_period_ns"] - 5_000_000) <= 250_000
+        return False
+    try:
+        wait_until(converged, 120, 0.5, "the observed period to converge to 5 ms")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; (period, jitter, samples) seen: {sorted(set(seen))}")
     # util-linux chrt: SCHED_FIFO 60 through sched_setscheduler, gone when it exits.
     find_task(name, lambda t: t["policy"] == "fifo" and t["priority"] == 60, 60)
     wait_until(lambda: not any(t["priority"] == 60 for t in state(name).tasks), 30, 0.2,

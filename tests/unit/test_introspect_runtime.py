@@ -138,6 +138,62 @@ def test_model_learns_a_periodic_fifo_task_with_skipped_wakeups():
     assert t.demand() == (500_000, 5_000_000, 5_000_000)  # assumed 10 % until measured
 
 
+def feed_targets(m, key, targets_ns, t0=0):
+    for i, ns in enumerate(targets_ns):
+        m.apply(sleep_ev(key, 10**9 + ns, t=t0 + i))
+
+
+def test_model_period_is_a_tolerant_gcd_of_the_gaps():
+    m = TaskModel()
+    m.apply(sched_ev("a", SchedRequest("fifo", 50)))
+    feed_targets(m, "a", [0, 15_000_000, 35_000_000, 50_000_000])  # 3T, 4T, 3T
+    assert m.tasks["a"].observed_period_ns == 5_000_000
+
+
+def test_model_fixed_cadence_is_broken_by_a_span_across_a_sampling_pause():
+    """Traps costlier than the period lock a TCG guest into k·T (seen in CI: 4·5 ms)."""
+    m = TaskModel()
+    m.apply(sched_ev("a", SchedRequest("fifo", 50)))
+    feed_targets(m, "a", [i * 20_000_000 for i in range(10)])
+    t = m.tasks["a"]
+    assert t.observed_period_ns == 20_000_000  # all the gaps can show
+    assert t.periods.count == 9
+    m.resume_sampling(fresh=4)
+    assert t.periods.count == 9 and t.resumed  # already below STABLE_SAMPLES - 4
+    # 10.010 s later (2002 periods of 5 ms): only a span, no sample.
+    assert m.apply(sleep_ev("a", 10**9 + 180_000_000 + 10_010_000_000, t=20))
+    assert t.periods.spans == [10_010_000_000] and len(t.periods.samples) == 9
+    assert t.observed_period_ns == 10_000_000
+    m.resume_sampling(fresh=4)
+    m.apply(sleep_ev("a", 10**9 + 180_000_000 + 10_010_000_000 + 4_005_000_000, t=21))
+    assert t.observed_period_ns == 5_000_000  # 801 periods: odd
+    # A span that fits nothing (another loop) never widens or breaks it.
+    m.resume_sampling(fresh=4)
+    m.apply(sleep_ev("a", 10**9 + 20_000_000_000 + 1_234_567, t=22))
+    assert t.observed_period_ns == 5_000_000
+
+
+def test_model_jittery_gaps_fall_back_to_the_median():
+    m = TaskModel()
+    m.apply(sched_ev("a", SchedRequest("fifo", 50)))
+    gaps = [5_000_000, 5_210_000, 4_930_000, 5_330_000, 5_070_000]
+    feed_targets(m, "a", [sum(gaps[:i]) for i in range(len(gaps) + 1)])
+    assert m.tasks["a"].observed_period_ns == 5_070_000
+
+
+def test_model_relative_sleep_after_a_pause_is_not_a_gap():
+    m = TaskModel()
+    m.apply(sched_ev("a", SchedRequest("rr", 5)))
+    for i in range(3):
+        m.apply(sleep_ev("a", 4_000_000, absolute=False, t=i * 5_000_000))
+    m.resume_sampling(fresh=4)
+    m.apply(sleep_ev("a", 4_000_000, absolute=False, t=10 * 10**9))
+    t = m.tasks["a"]
+    assert t.periods.samples == [5_000_000, 5_000_000] and t.busy.samples == [1_000_000] * 2
+    m.apply(sleep_ev("a", 4_000_000, absolute=False, t=10 * 10**9 + 5_000_000))
+    assert t.periods.samples[-1] == 5_000_000
+
+
 def test_model_relative_sleeps_measure_busy_time():
     m = TaskModel()
     m.apply(sched_ev("a", SchedRequest("rr", 5)))
