@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Set
 
 from ..errors import KairosError
+from .control import ControlQueue
 from .plan import Hit, ResolvedPlan
 from .rsp.client import RspClient
 from .rsp.errors import RspError, RspTimeout
@@ -82,7 +82,7 @@ class GdbstubBackend:
         self.rate, self.burst, self.cooldown_s = rate, burst, cooldown_s
         self.buckets: Dict[int, Bucket] = {}
         self.cooling: Dict[int, float] = {}
-        self.control: "queue.Queue[Callable[[], None]]" = queue.Queue()
+        self.control = ControlQueue()
         self.counters = Counters()
 
     # -- connection ------------------------------------------------------
@@ -166,7 +166,7 @@ class GdbstubBackend:
                 raise KairosError(f"QEMU's gdbstub reports the VM {reply.kind}")
             t0 = time.monotonic_ns()
             self._handle(c, reply, on_hit)
-            self._run_control()
+            self.control.run_pending()
             self.counters.handler_ns += time.monotonic_ns() - t0
             if not stop.is_set():
                 c.cont()
@@ -183,16 +183,8 @@ class GdbstubBackend:
             del self.cooling[a]
             if a in self.plan.sites:
                 self.arm(a)
-        self._run_control()
+        self.control.run_pending()
         c.cont()
-
-    def _run_control(self) -> None:
-        while True:
-            try:
-                op = self.control.get_nowait()
-            except queue.Empty:
-                return
-            op()
 
     def _handle(self, c: RspClient, reply, on_hit) -> None:
         regs = c.read_registers()

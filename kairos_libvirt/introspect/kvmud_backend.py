@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import select
 import struct
 import threading
@@ -41,6 +40,7 @@ from ..errors import KairosError
 from . import kvmud
 from .gdbstub import Counters
 from .kvmud import Fetch, KvmUdError, KvmUdEvent, Trap
+from .control import ControlQueue
 from .plan import PT_REGS_SIZE, Hit, ResolvedPlan, TrapSite
 
 log = logging.getLogger("kairosvm-agent.kvmud")
@@ -154,7 +154,7 @@ class KvmUdBackend:
         self.table: List[int] = []              # trap index -> site address
         self.fetch: Dict[int, Tuple[Fetch, ...]] = {}
         self.armed: set = set()
-        self.control: "queue.Queue[Callable[[], None]]" = queue.Queue()
+        self.control = ControlQueue()
         self._wake_r = self._wake_w = -1
         self._base = (0, 0)                     # kernel (rate_dropped, overflow) at open
         self.stale_at_open = 0
@@ -265,7 +265,7 @@ class KvmUdBackend:
         assert self.ud is not None
         efd = self.ud.efd
         while not stop.is_set():
-            self._run_control()
+            self.control.run_pending()
             r, _, _ = select.select([efd, self._wake_r], [], [], 0.2)
             if efd in r:
                 try:
@@ -326,14 +326,6 @@ class KvmUdBackend:
                        "overflow": c.overflow, "fetch_faults": c.fetch_faults, "stale": c.stale}
         self.counters.suppressed = (self._lost + (c.rate_dropped - self._base[0])
                                     + (c.overflow - self._base[1]))
-
-    def _run_control(self) -> None:
-        while True:
-            try:
-                op = self.control.get_nowait()
-            except queue.Empty:
-                return
-            op()
 
 
 def make(name: str, qemu_pid: int) -> KvmUdBackend:

@@ -19,6 +19,7 @@ from kairos_libvirt.introspect import backends, gdbstub, plan, runtime
 from kairos_libvirt.introspect.decode import (DecodeError, PT_REGS_OFFSETS, SchedRequest,
                                               SleepRequest, Timespec)
 from kairos_libvirt.introspect.plan import GuestEvent, Hit
+from tests.unit.fakes import FakeGuestMemory
 from kairos_libvirt.introspect.tasks import MAX_TASKS, STABLE_SAMPLES, TaskModel
 from kairos_libvirt.model import VcpuSched
 
@@ -27,19 +28,7 @@ PT_REGS = STACK_TOP - plan.PT_REGS_SIZE
 USER_BUF = 0x7ffd0000
 
 
-class FakeMemory:
-    def __init__(self):
-        self.bytes = {}
-
-    def put(self, addr, data):
-        for i, b in enumerate(data):
-            self.bytes[addr + i] = b
-
-    def read(self, addr, n):
-        try:
-            return bytes(self.bytes[addr + i] for i in range(n))
-        except KeyError:
-            raise KairosError(f"fake: unmapped {addr:#x}") from None
+FakeMemory = FakeGuestMemory
 
 
 def ptregs(**user):

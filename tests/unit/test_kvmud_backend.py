@@ -1,8 +1,8 @@
 """The kvm-ud backend (kairos_libvirt.introspect.kvmud_backend) over a fake kernel.
 
 Fakes used here (named as such): ``FakeGuest`` (a guest address space in a
-dict), ``FakeKvmUd`` (stands for :class:`kvmud.KvmUd`: the trap table, arming
-and a ring that does what the patched KVM does at a trap: copies the registers
+dict, tests/unit/fakes.py), ``FakeKvmUd`` (stands for :class:`kvmud.KvmUd`:
+the trap table, arming and a ring that does what the patched KVM does at a trap: copies the registers
 and runs the site's fetch list against ``FakeGuest``, then packs a real
 512-byte event that goes through :func:`kvmud.decode_event`).
 """
@@ -24,6 +24,7 @@ from kairos_libvirt.introspect.kvmud_backend import (EventMemory, KvmUdBackend, 
                                                      fetch_list)
 from kairos_libvirt.introspect.plan import PLAN, Hit, ResolvedPlan, decode_hit
 from kairos_libvirt.model import VcpuSched
+from tests.unit.fakes import FakeGuestMemory
 
 STACK_TOP = 0xffffc90000124000
 PT_REGS = STACK_TOP - plan.PT_REGS_SIZE
@@ -32,19 +33,9 @@ USER_BUF = 0x7ffd0000
 SITES = {site.kind: 0xffffffff81000000 + 0x1000 * i for i, site in enumerate(PLAN)}
 
 
-class FakeGuest:
-    def __init__(self):
-        self.bytes = {}
-
-    def put(self, addr, data):
-        for i, b in enumerate(data):
-            self.bytes[addr + i] = b
-
-    def read(self, addr, n):
-        try:
-            return bytes(self.bytes[addr + i] for i in range(n))
-        except KeyError:
-            raise KvmUdError("fake peek", f"unmapped {addr:#x}", 14) from None
+def FakeGuest():
+    """A FakeGuestMemory whose faults are what the kernel's peek returns (EFAULT)."""
+    return FakeGuestMemory(lambda addr: KvmUdError("fake peek", f"unmapped {addr:#x}", 14))
 
 
 class FakeKvmUd:
