@@ -31,13 +31,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 VENV = os.environ.get("KT_VENV", os.path.join(REPO, ".venv"))
 KAIROSVM = os.path.join(VENV, "bin", "kairosvm")
 STATE_NS = "http://kairosvm.org/xmlns/libvirt/realtime-state/1.0"
-GUEST = "/var/lib/kairos/guest"
 NAME = "kt-l2"
 CONSOLE = "/var/log/kt-l2.console"
 PROG = "while :; do rtprog --policy deadline --runtime 2ms --period 10ms --count 300; sleep 6; done"
 
 sys.path.insert(0, REPO)
 from kairos_libvirt.host import proc, sched  # noqa: E402
+from tests.guestdomain import decl, domain_xml  # noqa: E402
 from kairos_libvirt.state import from_xml  # noqa: E402
 
 T0 = time.monotonic()
@@ -69,33 +69,12 @@ def wait(pred, timeout: float, what: str, interval: float = 0.3):
         time.sleep(interval)
 
 
-def domain_xml() -> str:
-    decl = ("<kairos:realtime xmlns:kairos='http://kairosvm.org/xmlns/libvirt/realtime/1.0'>"
-            "<kairos:default policy='deadline' runtime='1500us' period='10ms'/>"
-            "<kairos:introspection backend='kvm-ud' ceiling='0.6'/>"
-            "</kairos:realtime>")
-    return f"""<domain type='kvm'>
-  <name>{NAME}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <metadata>{decl}</metadata>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{GUEST}/vmlinuz</kernel>
-    <initrd>{GUEST}/initrd.img</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 kairos.heartbeat=0 kairos.run="{PROG}"</cmdline>
-  </os>
-  <cpu mode='host-passthrough'><feature policy='disable' name='xsave'/></cpu>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <serial type='file'><source path='{CONSOLE}'/><target port='0'/></serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
+def l2_domain_xml() -> str:
+    return domain_xml(NAME, decl("<kairos:default policy='deadline' runtime='1500us' period='10ms'/>"
+                                 "<kairos:introspection backend='kvm-ud' ceiling='0.6'/>"),
+                      vcpus=1, memory_mib=256, kind="kvm", console=CONSOLE,
+                      cmdline=f'kairos.heartbeat=0 kairos.run="{PROG}"',
+                      cpu="<cpu mode='host-passthrough'><feature policy='disable' name='xsave'/></cpu>")
 
 
 def setup(r: dict) -> None:
@@ -163,7 +142,7 @@ def kernel(tid: int) -> dict:
 def run(r: dict) -> None:
     setup(r)
     with open("/tmp/kt-l2.xml", "w") as f:
-        f.write(domain_xml())
+        f.write(l2_domain_xml())
     sh("virsh", "define", "/tmp/kt-l2.xml", check=True)
     a = time.monotonic()
     p = sh("virsh", "start", NAME, timeout=300)

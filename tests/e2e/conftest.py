@@ -24,8 +24,8 @@ from kairos_libvirt.hook import agent_pid
 from kairos_libvirt.host import cgroup, proc
 from kairos_libvirt.ledger import Ledger
 from tests.conftest import skip_or_fail
+from tests.guestdomain import GUEST_DIR, decl, domain_xml  # noqa: F401 (re-exported)
 
-GUEST_DIR = os.environ.get("KAIROS_GUEST_DIR", "/var/lib/kairos/guest")
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
 CONSOLE_DIR = "/var/log/kairos"
 _counter = itertools.count()
@@ -82,39 +82,6 @@ def libvirt_env() -> Dict[str, str]:
     install.install(cfg)  # this checkout's hook, pointing at this interpreter
     os.makedirs(CONSOLE_DIR, exist_ok=True)
     return {"guest": GUEST_DIR}
-
-
-def domain_xml(name: str, decl: str = "", vcpus: int = 2, memory_mib: int = 192,
-               cmdline: str = "", extra_cputune: str = "") -> str:
-    meta = f"<metadata>{decl}</metadata>" if decl else ""
-    cputune = f"<cputune>{extra_cputune}</cputune>" if extra_cputune else ""
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>{memory_mib}</memory>
-  <vcpu>{vcpus}</vcpu>
-  {cputune}
-  {meta}
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{GUEST_DIR}/vmlinuz</kernel>
-    <initrd>{GUEST_DIR}/initrd.img</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 {cmdline}</cmdline>
-  </os>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <serial type='file'><source path='{CONSOLE_DIR}/{name}.console'/><target port='0'/></serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
-
-
-def decl(body: str) -> str:
-    return (f"<kairos:realtime xmlns:kairos='http://kairosvm.org/xmlns/libvirt/realtime/1.0'>"
-            f"{body}</kairos:realtime>")
 
 
 def machine_rt_runtime() -> Optional[int]:
