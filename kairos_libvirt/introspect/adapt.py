@@ -1,13 +1,16 @@
 """From the guest task model to per-vCPU reservations, never above the ceiling (pure).
 
-The admin's declaration is the floor and the ceiling the cap: while the
-guest has known real-time tasks, a vCPU whose analysed server (the smallest
-one the hierarchical analysis finds for them; EDP: the deadline may be
-shorter than the period, which SCHED_DEADLINE expresses directly) needs more
-bandwidth than declared gets that server; otherwise, and when the tasks are
-gone, it keeps its declared reservation (the guest's own kernel and non-RT
-work live in it).  A demand above the ceiling is capped and reported, never
-granted.
+The admin's declaration is the floor and the ceiling the cap.  While the
+guest has known real-time tasks, each vCPU's declared reservation is itself
+analysed as a server (SCHED_DEADLINE: EDP; RT group budget: PRM): if it
+meets every deadline of the tasks on that vCPU, it stays.  Otherwise the
+vCPU gets the analysed server (the smallest one the hierarchical analysis
+finds; EDP: the deadline may be shorter than the period, which
+SCHED_DEADLINE expresses directly), its runtime raised to at least the
+declared bandwidth (the guest's own kernel and non-RT work live in it).
+Bandwidth alone decides nothing: 1.5 ms every 10 ms can leave a vCPU 17 ms
+without supply.  When the tasks are gone the declaration is back.  A demand
+above the ceiling is capped and reported, never granted.
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ def adapt(model: TaskModel, declared: Mapping[int, VcpuSched],
                                    scheduler="edf" if t.policy == "deadline" else "fp"))
     if not tasks or not vids:
         return out
+    by_name = {t.name: t for t in tasks}
     try:
         iface = analysis.interface_for(tasks, vcpus=len(vids), model="edp",
                                        overhead_ns=overhead_ns, granularity_ns=GRANULARITY_NS)
@@ -83,14 +87,22 @@ def adapt(model: TaskModel, declared: Mapping[int, VcpuSched],
                             f"ceiling {float(ceiling):.3f}")
             runtime = int(ceiling * period) // GRANULARITY_NS * GRANULARITY_NS
             deadline = max(deadline, runtime)
+        if not capped and _declared_suffices(base, [by_name[n] for n in server.tasks],
+                                             overhead_ns):
+            out[vid] = Adapted(vid, base, "declared", server.budget_ns, server.period_ns,
+                               server.deadline_ns, False, "the declared reservation "
+                               "meets every guest deadline", tuple(server.tasks))
+            continue
+        # The analysed server, with at least the declared bandwidth: the floor
+        # keeps the share the admin gave the guest's kernel and non-RT work.
+        exact = Fraction(base.bandwidth) * period
+        floor = -(-exact // GRANULARITY_NS) * GRANULARITY_NS
+        if Fraction(floor, period) > ceiling:
+            floor = int(exact // GRANULARITY_NS) * GRANULARITY_NS
+        runtime = min(max(runtime, floor), period)
         runtime = max(runtime, 1024)
         if runtime > deadline:
             deadline = runtime
-        if Fraction(runtime, period) <= base.bandwidth:
-            out[vid] = Adapted(vid, base, "declared", server.budget_ns, server.period_ns,
-                               server.deadline_ns, capped, note or "the declared reservation "
-                               "covers the guest tasks", tuple(server.tasks))
-            continue
         if base.policy == "deadline":
             sched = VcpuSched("deadline", runtime, period, deadline_ns=deadline)
         else:
@@ -100,3 +112,27 @@ def adapt(model: TaskModel, declared: Mapping[int, VcpuSched],
         out[vid] = Adapted(vid, sched, "introspection", server.budget_ns, server.period_ns,
                            server.deadline_ns, capped, note, tuple(server.tasks))
     return out
+
+
+def _declared_suffices(base: VcpuSched, tasks: List[analysis.Task], overhead_ns: int) -> bool:
+    """Does the declared reservation itself meet every deadline of ``tasks``?
+
+    Bandwidth alone does not tell: 1.5 ms every 10 ms can leave a vCPU
+    without supply for 17 ms, too long for a task due every 5 ms.  The
+    declared server is analysed as what it is: SCHED_DEADLINE's (runtime,
+    deadline, period) is an EDP; an RT-group budget per period (cgroup
+    cpu.rt_runtime_us) is a periodic resource (PRM).  The switching overhead
+    is not available to the guest.
+    """
+    budget = base.runtime_ns - overhead_ns
+    if budget <= 0 or not tasks:
+        return not tasks
+    if base.policy == "deadline":
+        deadline = base.deadline_ns or base.period_ns
+        supply = analysis.EDP(base.period_ns, min(budget, deadline), deadline)
+    else:
+        supply = analysis.prm(base.period_ns, budget)
+    try:
+        return analysis.schedulable(tasks, supply).schedulable
+    except AnalysisError:
+        return False

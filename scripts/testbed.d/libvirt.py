@@ -9,10 +9,12 @@ Runs in L1 (chroot on the host's / under a tmpfs overlay) after the other phases
    ``kairosvm install-hook`` (writes the hook, SIGHUPs libvirtd);
 2. defines an L2 ``<domain type='kvm'>`` (the project's guest, 1 vCPU) declared deadline 1.5ms/10ms with
    ``<kairos:introspection backend='kvm-ud' ceiling='0.6'/>``, its init looping
-   ``rtprog --policy deadline --runtime 2ms --period 10ms --count 300; sleep 6``; ``virsh start``;
+   ``rtprog --policy deadline --runtime 2ms --period 10ms --count 300; sleep 6`` and, as the gdbstub
+   e2e tests, ``cyclictest -p 50 -i 5000`` and ``chrt -f 60 sleep 3`` in a loop; ``virsh start``;
 3. through ``virsh metadata ... --live`` and ``kairosvm status --json``: introspection kvm-ud running (no
    fallback note), the 2ms/10ms task, the vCPU thread's SCHED_DEADLINE (sched_getattr in L1) becoming
-   the analysed interface (source=introspection) and shrinking back to 1.5ms/10ms after the program exits;
+   the analysed interface (source=introspection), cyclictest's observed period 5 ms, chrt's FIFO 60 task
+   found and gone, and the vCPU shrinking back to 1.5ms/10ms when no program runs;
 4. ``virsh destroy``: no ledger entry left (``kairosvm ledger --json``), the agent gone.
 
 Writes OUT/libvirt.json; tests/nested/test_libvirt_in_l1.py asserts on it.
@@ -34,6 +36,9 @@ STATE_NS = "http://kairosvm.org/xmlns/libvirt/realtime-state/1.0"
 NAME = "kt-l2"
 CONSOLE = "/var/log/kt-l2.console"
 PROG = "while :; do rtprog --policy deadline --runtime 2ms --period 10ms --count 300; sleep 6; done"
+#: As tests/e2e/test_introspection.py: unmodified cyclictest (absolute 5 ms wake-ups) and util-linux chrt;
+#: the pause leaves windows in which neither program runs (the reservation shrinks back then).
+PERIODIC = "while :; do cyclictest -p 50 -i 5000 -t 1 -q -D 20; chrt -f 60 sleep 3; sleep 12; done"
 
 sys.path.insert(0, REPO)
 from kairos_libvirt.host import proc, sched  # noqa: E402
@@ -73,7 +78,7 @@ def l2_domain_xml() -> str:
     return domain_xml(NAME, decl("<kairos:default policy='deadline' runtime='1500us' period='10ms'/>"
                                  "<kairos:introspection backend='kvm-ud' ceiling='0.6'/>"),
                       vcpus=1, memory_mib=256, kind="kvm", console=CONSOLE,
-                      cmdline=f'kairos.heartbeat=0 kairos.run="{PROG}"',
+                      cmdline=f'kairos.heartbeat=0 kairos.run="{PROG}" kairos.run="{PERIODIC}"',
                       cpu="<cpu mode='host-passthrough'><feature policy='disable' name='xsave'/></cpu>")
 
 
@@ -200,6 +205,29 @@ def run(r: dict) -> None:
                   "live_state": live_state()[-3000:]}
     log(f"grown: {k} interface {v.get('interface')}")
 
+    def periodic():
+        d = status()
+        for tk in d.get("guest_tasks", []):
+            if tk.get("policy") == "fifo" and tk.get("priority") == 50 and (tk.get("samples") or 0) >= 8 \
+                    and abs((tk.get("observed_period_ns") or 0) - 5_000_000) <= 250_000:
+                return d, tk
+        return None
+    d, tk = wait(periodic, 120, "cyclictest's 5 ms period", 0.5)
+    r["periodic"] = {"task": tk, "status_vcpu": (d.get("vcpus") or [{}])[0], "kernel": kernel(tid),
+                     "s": round(time.monotonic() - a, 1)}
+    log(f"periodic: {tk}")
+
+    def chrt_task(present: bool):
+        def ok():
+            d = status()
+            seen = [tk for tk in d.get("guest_tasks", []) if tk.get("priority") == 60]
+            return (seen or [True])[0] if bool(seen) == present else None
+        return ok
+    r["chrt_task"] = wait(chrt_task(True), 90, "chrt's FIFO 60 task", 0.3)
+    wait(chrt_task(False), 30, "chrt's task to leave the model", 0.3)
+    r["chrt_gone"] = True
+    log(f"chrt: {r['chrt_task']}")
+
     def back():
         d = status()
         v = (d.get("vcpus") or [{}])[0]
@@ -208,7 +236,7 @@ def run(r: dict) -> None:
             if k["runtime_ns"] == 1_500_000:
                 return d, v, k
         return None
-    d, v, k = wait(back, 60, "the program to exit and the reservation to shrink back", 0.2)
+    d, v, k = wait(back, 120, "the programs to exit and the reservation to shrink back", 0.2)
     r["back"] = {"status_vcpu": v, "kernel": k, "chrt": sh("chrt", "-p", str(tid)).stdout.strip(),
                  "tasks": len(d.get("guest_tasks", []))}
     log(f"back: {k}")

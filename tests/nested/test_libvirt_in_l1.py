@@ -3,7 +3,8 @@
 scripts/testbed.d/libvirt.py runs in L1 after the other phases: libvirtd (no systemd) with
 ``kairosvm install-hook``, an L2 ``<domain type='kvm'>`` under L1's patched KVM declared deadline
 1.5ms/10ms with ``<kairos:introspection backend='kvm-ud' ceiling='0.6'/>``, its guest looping
-``rtprog --policy deadline --runtime 2ms --period 10ms --count 300; sleep 6``; ``virsh start``,
+``rtprog --policy deadline --runtime 2ms --period 10ms --count 300; sleep 6`` and a loop of
+``cyclictest -p 50 -i 5000 -t 1 -q -D 20; chrt -f 60 sleep 3; sleep 12``; ``virsh start``,
 then ``virsh metadata ... --live`` / ``kairosvm status --json`` / ``sched_getattr`` on the vCPU
 thread in L1, ``virsh destroy``, ``kairosvm ledger --json``.  It writes OUT/libvirt.json.
 """
@@ -69,6 +70,21 @@ def test_vcpu_thread_takes_the_analysed_interface_then_shrinks_back(lv: dict) ->
     b = lv["back"]
     assert b["kernel"] == DECLARED and b["status_vcpu"]["source"] == "declared" and b["tasks"] == 0
     assert "1500000/10000000/10000000" in b["chrt"]
+
+
+def test_periodic_fifo_programs_are_observed_through_status(lv: dict) -> None:
+    """As tests/e2e/test_introspection.py::test_periodic_fifo_programs_are_observed, with kvm-ud."""
+    p = lv["periodic"]
+    t = p["task"]
+    assert (t["policy"], t["priority"], t["comm"], t["vcpu"]) == ("fifo", 50, "cyclictest", 0), t
+    assert abs(t["observed_period_ns"] - 5_000_000) <= 250_000 and t["samples"] >= 8, t
+    v = p["status_vcpu"]
+    assert v["source"] == "introspection", v
+    assert (p["kernel"]["runtime_ns"], p["kernel"]["period_ns"]) == (v["runtime_ns"], v["period_ns"])
+    assert p["kernel"]["runtime_ns"] * 10 <= p["kernel"]["period_ns"] * 6  # the 0.6 ceiling
+    c = lv["chrt_task"]
+    assert (c["policy"], c["priority"], c["vcpu"]) == ("fifo", 60, 0), c
+    assert lv["chrt_gone"]
 
 
 def test_virsh_destroy_leaves_no_ledger_entry_and_no_agent(lv: dict) -> None:

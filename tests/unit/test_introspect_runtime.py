@@ -246,8 +246,38 @@ def test_adapt_grows_above_the_declared_floor():
 
 def test_adapt_keeps_a_sufficient_declaration():
     base = VcpuSched("deadline", 5_000_000, 10_000_000)
-    a = adapt_mod.adapt(dl_model(1), {0: base}, {0: Fraction(1, 2)})[0]
-    assert a.source == "declared" and a.sched == base and "covers" in a.note
+    a = adapt_mod.adapt(dl_model(1, period_ms=20), {0: base}, {0: Fraction(1, 2)})[0]
+    assert a.source == "declared" and a.sched == base and "meets every" in a.note
+
+
+def test_adapt_bandwidth_alone_is_not_enough():
+    """5 ms every 10 ms may supply nothing for 10 ms: a 1 ms task due in 10 ms can miss.
+
+    The vCPU gets the analysed (shorter) period, with at least the declared
+    bandwidth (the floor), never above the ceiling.
+    """
+    base = VcpuSched("deadline", 5_000_000, 10_000_000)
+    a = adapt_mod.adapt(dl_model(1), {0: base}, {0: Fraction(3, 5)})[0]
+    assert a.source == "introspection" and not a.capped
+    s = a.sched
+    assert Fraction(s.runtime_ns, s.period_ns) >= Fraction(1, 2)
+    assert Fraction(s.runtime_ns, s.period_ns) <= Fraction(3, 5)
+    supply = analysis.EDP(s.period_ns, s.runtime_ns - adapt_mod.DEFAULT_OVERHEAD_NS,
+                          s.deadline_ns)
+    task = analysis.Task(name="a", runtime_ns=1_000_000, deadline_ns=10_000_000,
+                         period_ns=10_000_000, scheduler="edf")
+    assert analysis.schedulable([task], supply).schedulable
+    assert not analysis.schedulable(
+        [task], analysis.EDP(10_000_000, 5_000_000 - adapt_mod.DEFAULT_OVERHEAD_NS,
+                             10_000_000)).schedulable
+
+
+def test_adapt_rt_group_declaration_is_a_periodic_resource():
+    base = VcpuSched("fifo", 5_000_000, 10_000_000, priority=30)
+    assert adapt_mod.adapt(dl_model(1, period_ms=20), {0: base},
+                           {0: Fraction(1, 2)})[0].source == "declared"
+    a = adapt_mod.adapt(dl_model(1), {0: base}, {0: Fraction(3, 5)})[0]
+    assert a.source == "introspection" and a.sched.priority == 30
 
 
 def test_adapt_caps_at_the_ceiling():
