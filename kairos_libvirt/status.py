@@ -86,7 +86,7 @@ def collect(name: str, info: Optional[DomainInfo], cfg: Optional[_config.HostCon
 
 
 GUEST_TASK_KEYS = ("key", "tid", "comm", "vcpu", "policy", "priority", "runtime_ns",
-                   "deadline_ns", "period_ns", "observed_period_ns")
+                   "deadline_ns", "period_ns", "observed_period_ns", "jitter_ns", "samples")
 
 
 def _int_or_none(v: Optional[str]) -> Optional[int]:

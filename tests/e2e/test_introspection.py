@@ -83,6 +83,7 @@ def test_deadline_task_is_found_resizes_the_vcpu_and_shrinks_back(domains):
     assert doc["vcpus"][0]["interface"]["budget_ns"] == budget
     assert any(t["policy"] == "deadline" and t["period_ns"] == 10_000_000
                for t in doc["guest_tasks"])
+    assert all(isinstance(t["samples"], int) for t in doc["guest_tasks"])
 
     # The program exits: the task leaves the model and the declared 1ms/10ms is back.
     wait_until(lambda: not state(name).tasks and state(name).vcpus[0].source == "declared",

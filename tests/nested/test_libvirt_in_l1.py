@@ -3,8 +3,8 @@
 scripts/testbed.d/libvirt.py runs in L1 after the other phases: libvirtd (no systemd) with
 ``kairosvm install-hook``, an L2 ``<domain type='kvm'>`` under L1's patched KVM declared deadline
 1.5ms/10ms with ``<kairos:introspection backend='kvm-ud' ceiling='0.6'/>``, its guest looping
-``rtprog --policy deadline --runtime 2ms --period 10ms --count 300; sleep 6`` and a loop of
-``cyclictest -p 50 -i 5000 -t 1 -q -D 20; chrt -f 60 sleep 3; sleep 12``; ``virsh start``,
+``rtprog --policy deadline --runtime 2ms --period 10ms --count 300; sleep 6; cyclictest -p 50 -i 5000
+-t 1 -q -D 20; chrt -f 60 sleep 3; sleep 8``; ``virsh start``,
 then ``virsh metadata ... --live`` / ``kairosvm status --json`` / ``sched_getattr`` on the vCPU
 thread in L1, ``virsh destroy``, ``kairosvm ledger --json``.  It writes OUT/libvirt.json.
 """
@@ -76,7 +76,8 @@ def test_periodic_fifo_programs_are_observed_through_status(lv: dict) -> None:
     """As tests/e2e/test_introspection.py::test_periodic_fifo_programs_are_observed, with kvm-ud."""
     p = lv["periodic"]
     t = p["task"]
-    assert (t["policy"], t["priority"], t["comm"], t["vcpu"]) == ("fifo", 50, "cyclictest", 0), t
+    # (kvm-ud events carry no task_struct: tid and comm stay unknown, see kvmud_backend)
+    assert (t["policy"], t["priority"], t["vcpu"]) == ("fifo", 50, 0), t
     assert abs(t["observed_period_ns"] - 5_000_000) <= 250_000 and t["samples"] >= 8, t
     v = p["status_vcpu"]
     assert v["source"] == "introspection", v
