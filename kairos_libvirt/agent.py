@@ -90,6 +90,8 @@ class Agent:
                     log.info("QEMU %s of %s is gone; exiting", pid, self.name)
                     break
                 now = time.monotonic()
+                if self.intro is not None:
+                    self.intro.hold(os.path.exists(paths.hold_file(self.cfg, self.name)))
                 regrant = self.intro is not None and self._adapt()
                 if regrant or now - last_check >= RECHECK_S:
                     last_check = now

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from fractions import Fraction
 from typing import List, Optional
@@ -175,6 +176,60 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hold(args: argparse.Namespace) -> int:
+    """Disarm (hold) or re-arm (unhold) a domain's guest traps, and wait for the agent to confirm.
+
+    Why: a kvm-ud trap is a UD2 written into guest memory; ``virsh save``,
+    a snapshot or a migration would carry it where no trap table catches it.
+    The reservation in force stays as it is.
+    """
+    import time as _time
+    from . import paths, virt
+    from .state import from_xml
+    cfg = _config.load()
+    if not paths.valid_name(args.domain):
+        raise KairosError(f"{args.domain!r} is not a domain name")
+    hold = args.command == "hold"
+    ddir = paths.domain_dir(cfg, args.domain)
+    if not os.path.isdir(ddir):
+        raise KairosError(f"{args.domain}: no kairos agent runs for it (is the domain running, "
+                          "with a real-time declaration?)")
+    flag = paths.hold_file(cfg, args.domain)
+    if hold:
+        fd = os.open(flag, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+    else:
+        try:
+            os.unlink(flag)
+        except FileNotFoundError:
+            pass
+    dom = virt.lookup(virt.connect(), args.domain)
+    want = "held" if hold else "running"
+    deadline = _time.monotonic() + args.timeout
+    while True:
+        xml = virt.get_metadata(dom, STATE_NS, live=True) if virt.is_active(dom) else None
+        intro = (from_xml(xml).introspection if xml else None) or {}
+        state = intro.get("state")
+        if not intro or intro.get("backend") in (None, "off"):
+            print(f"{args.domain}: introspection is off: no trap to {'hold' if hold else 're-arm'}")
+            return 0
+        if state == want:
+            print(f"{args.domain}: introspection ({intro.get('backend')}) "
+                  + ("held: no trap armed in the guest; `kairosvm unhold` re-arms"
+                     if hold else "running: traps armed again"))
+            return 0
+        if hold and state in ("waiting", "failed", "stopped"):
+            print(f"{args.domain}: introspection is {state}: no trap armed in the guest "
+                  "(it stays held if it attaches later)")
+            return 0
+        if _time.monotonic() >= deadline:
+            raise KairosError(
+                f"{args.domain}: the agent did not confirm '{want}' within {args.timeout:g} s "
+                f"(introspection state: {state}; see {paths.agent_log(cfg, args.domain)})"
+                + (": traps may still be armed, do not save, snapshot or migrate" if hold else ""))
+        _time.sleep(0.2)
+
+
 def cmd_ledger(args: argparse.Namespace) -> int:
     from .ledger import Ledger, entry_bandwidth
     cfg = _config.load()
@@ -256,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    for cmd, text in (("hold", "disarm the guest traps before virsh save, snapshot or "
+                               "migrate (the reservation stays)"),
+                      ("unhold", "arm the guest traps again after kairosvm hold")):
+        p = sub.add_parser(cmd, help=text)
+        p.add_argument("domain")
+        p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                       help="how long to wait for the agent to confirm (default 30)")
+        p.set_defaults(func=cmd_hold)
 
     p = sub.add_parser("ledger", help="host admission state")
     p.add_argument("--json", action="store_true")

@@ -22,6 +22,11 @@ def agent_lock_file(cfg: HostConfig, name: str) -> str:
     return os.path.join(domain_dir(cfg, name), "agent.lock")
 
 
+def hold_file(cfg: HostConfig, name: str) -> str:
+    """Present: the agent keeps no trap armed in the guest (``kairosvm hold``)."""
+    return os.path.join(domain_dir(cfg, name), "hold")
+
+
 def agent_log(cfg: HostConfig, name: str) -> str:
     return os.path.join(cfg.log_dir, f"{name}.log")
 

@@ -78,6 +78,7 @@ class Introspector:
         self._sleep_armed = True
         self._resample_at = 0.0
         self._layout_at = 0.0
+        self._held = False
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
@@ -111,9 +112,10 @@ class Introspector:
                 self._reset()
                 if self.stop_event.wait(ATTACH_RETRY_S):
                     return
-        self.status.state = "running"
+        self.status.state = "held" if self._held else "running"
         self.status.error = None
-        log.info("introspection (%s) running: %s", self.backend.name,
+        log.info("introspection (%s) running%s: %s", self.backend.name,
+                 " (held: no site armed)" if self._held else "",
                  ", ".join(f"{k}@{a:#x}" for k, a in self.status.sites.items()))
         try:
             self.backend.run(self._on_hit, self.stop_event)
@@ -122,7 +124,7 @@ class Introspector:
             log.error("introspection (%s) stopped: %s", self.backend.name, exc)
         finally:
             self._safe_close()
-            if self.status.state == "running":
+            if self.status.state in ("running", "held"):
                 self.status.state = "stopped"
 
     def _reset(self) -> None:
@@ -153,7 +155,8 @@ class Introspector:
             self.status.sites[site.kind] = addr
             if site.kind in ("clock_nanosleep", "nanosleep"):
                 self._sleep_sites.append(addr)
-            self.backend.arm(addr)
+            if not self._held:
+                self.backend.arm(addr)
         self._discover_layout(read)
 
     def _discover_layout(self, read: Callable[[int, int], bytes]) -> None:
@@ -199,7 +202,7 @@ class Introspector:
 
     def _sampling_policy(self) -> None:
         """Learn periods, then stop paying for clock_nanosleep traps (re-sample now and then)."""
-        if getattr(self.backend, "cheap_traps", False):
+        if getattr(self.backend, "cheap_traps", False) or self._held:
             return
         now = time.monotonic()
         if self._sleep_armed and self.model.stable() and self.model.rt_tasks():
@@ -218,9 +221,46 @@ class Introspector:
             self.model.resume_sampling(fresh=4)
         self._resample_at = now + RESAMPLE_FOR_S
 
+    # -- hold: no trap in the guest (before a save, snapshot or migration) ---
+    def hold(self, on: bool) -> None:
+        """Disarm every site (``on``) or arm them again; the model and the grants stay.
+
+        A kvm-ud trap is a UD2 in guest memory: a saved image, a snapshot or
+        a migrated guest would carry it to where no trap table catches it.
+        The backend restores the original bytes in its own thread; the state
+        says "held" only once every site is disarmed, so that ``kairosvm
+        hold`` can wait for it.  (kvm-ud writes guest text from the vCPU's
+        context: hold before libvirt pauses the domain.)
+        """
+        if on == self._held:
+            return
+        self._held = on
+
+        def apply() -> None:
+            sites = list(self.backend.plan.sites) if self.backend.plan else []
+            cooling = getattr(self.backend, "cooling", None)
+            if cooling is not None:
+                cooling.clear()  # a rate-limited site must not come back while held
+            try:
+                for a in sites:
+                    if on:
+                        self.backend.disarm(a)
+                    elif self._sleep_armed or a not in self._sleep_sites:
+                        self.backend.arm(a)
+            except KairosError as exc:
+                self.status.error = f"{'hold' if on else 'resume'}: {exc}"
+                log.error("introspection %s failed: %s", "hold" if on else "resume", exc)
+                self._held = not on  # the agent's next call tries again
+                return
+            self.status.error = None
+            self.status.state = "held" if on else "running"
+            log.info("introspection %s: %d sites %s", "held" if on else "resumed", len(sites),
+                     "disarmed" if on else "armed")
+        self.backend.request(apply)
+
     def tick(self) -> None:
         """Called by the agent's loop: re-arm sampling when due (through the backend)."""
-        if self.status.state == "running" and not self._sleep_armed and \
+        if self.status.state == "running" and not self._sleep_armed and not self._held and \
                 time.monotonic() >= self._resample_at:
             self.backend.request(lambda: self._rearm_sleep(time.monotonic()))
             self._resample_at = time.monotonic() + RESAMPLE_EVERY_S

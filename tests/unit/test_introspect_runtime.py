@@ -540,6 +540,67 @@ def test_runtime_attaches_learns_and_adapts(monkeypatch):
     assert intro.status.state == "stopped"
 
 
+def running_intro(monkeypatch, held=False):
+    import kairos_libvirt.introspect.symbols as symbols
+    monkeypatch.setattr(symbols, "fentry_site", lambda read, a: a)
+    be = FakeBackend()
+    be.identifies_tasks = False
+    intro = runtime.Introspector(be, lambda read: FakeSymbols(),
+                                 {0: VcpuSched("deadline", 1_000_000, 10_000_000)},
+                                 {0: Fraction(1, 2)})
+    if held:
+        intro.hold(True)  # before attach: no site is ever armed
+    intro.start()
+    deadline = time.monotonic() + 5
+    while intro.status.state not in ("running", "held") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return intro, be
+
+
+def test_hold_disarms_every_site_and_unhold_arms_them_again(monkeypatch):
+    intro, be = running_intro(monkeypatch)
+    try:
+        sites = set(intro.status.sites.values())
+        assert intro.status.state == "running" and be.armed == sites and len(sites) == 4
+        be.cooling = {0x201000: 0.0}  # a rate-limited site must not come back while held
+        intro.hold(True)
+        assert intro.status.state == "held" and be.armed == set() and be.cooling == {}
+        intro.tick()
+        intro._sampling_policy()
+        assert be.armed == set()
+        intro.hold(False)
+        assert intro.status.state == "running" and be.armed == sites
+    finally:
+        intro.stop()
+    assert intro.status.state == "stopped"
+
+
+def test_hold_before_attach_arms_nothing(monkeypatch):
+    intro, be = running_intro(monkeypatch, held=True)
+    try:
+        assert intro.status.state == "held" and be.armed == set()
+        assert len(intro.status.sites) == 4
+        intro.hold(False)
+        assert be.armed == set(intro.status.sites.values())
+    finally:
+        intro.stop()
+
+
+def test_hold_failure_is_reported_and_not_called_held(monkeypatch):
+    intro, be = running_intro(monkeypatch)
+    try:
+        def stuck(a):
+            raise KairosError("KAIROS_UD_CTL disarm: Connection timed out")
+        be.disarm = stuck
+        intro.hold(True)
+        assert intro.status.state == "running" and "timed out" in intro.status.error
+        del be.disarm  # the vCPU runs again: the agent's next call succeeds
+        intro.hold(True)
+        assert intro.status.state == "held" and be.armed == set() and intro.status.error is None
+    finally:
+        intro.stop()
+
+
 def test_runtime_gives_up_and_keeps_the_declaration(monkeypatch):
     monkeypatch.setattr(runtime, "ATTACH_TIMEOUT_S", 0.05)
     monkeypatch.setattr(runtime, "ATTACH_RETRY_S", 0.01)
