@@ -414,7 +414,7 @@ def families(hs: HostSample) -> List[Family]:
               "introspection is off).")
     intro_state = F("kairosvm_domain_introspection_state", "gauge",
                     "1 for the domain's introspection backend and its state (waiting, "
-                    "running, failed, stopped); absent while introspection is off.")
+                    "running, held, failed, stopped); absent while introspection is off.")
     intro = {key: F(name, "counter", text) for key, name, text in INTRO_COUNTER_FAMILIES}
     for d in hs.domains:
         running.add(d.running, domain=d.name)
