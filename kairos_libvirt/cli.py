@@ -218,14 +218,16 @@ def cmd_hold(args: argparse.Namespace) -> int:
                   + ("held: no trap armed in the guest; `kairosvm unhold` re-arms"
                      if hold else "running: traps armed again"))
             return 0
-        if hold and state in ("waiting", "failed", "stopped"):
-            print(f"{args.domain}: introspection is {state}: no trap armed in the guest "
-                  "(it stays held if it attaches later)")
+        if hold and state in ("failed", "stopped"):
+            # the backend is closed: closing disarms every site
+            print(f"{args.domain}: introspection is {state}: no trap armed in the guest")
             return 0
         if _time.monotonic() >= deadline:
+            why = (" (still attaching: the guest kernel is not up, or its symbols are "
+                   "missing; while held no attach arms a site)" if state == "waiting" else "")
             raise KairosError(
                 f"{args.domain}: the agent did not confirm '{want}' within {args.timeout:g} s "
-                f"(introspection state: {state}; see {paths.agent_log(cfg, args.domain)})"
+                f"(introspection state: {state}{why}; see {paths.agent_log(cfg, args.domain)})"
                 + (": traps may still be armed, do not save, snapshot or migrate" if hold else ""))
         _time.sleep(0.2)
 

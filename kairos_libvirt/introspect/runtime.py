@@ -112,10 +112,12 @@ class Introspector:
                 self._reset()
                 if self.stop_event.wait(ATTACH_RETRY_S):
                     return
-        self.status.state = "held" if self._held else "running"
+        # While held, the hold request queued for the backend thread runs first
+        # in run(): it disarms whatever an attach in flight armed, then says "held".
+        self.status.state = "running"
         self.status.error = None
         log.info("introspection (%s) running%s: %s", self.backend.name,
-                 " (held: no site armed)" if self._held else "",
+                 " (held: sites stay disarmed)" if self._held else "",
                  ", ".join(f"{k}@{a:#x}" for k, a in self.status.sites.items()))
         try:
             self.backend.run(self._on_hit, self.stop_event)

@@ -19,6 +19,7 @@ from kairos_libvirt.introspect import backends, gdbstub, plan, runtime
 from kairos_libvirt.introspect.decode import (DecodeError, PT_REGS_OFFSETS, SchedRequest,
                                               SleepRequest, Timespec)
 from kairos_libvirt.introspect.plan import GuestEvent, Hit
+from kairos_libvirt.introspect.control import ControlQueue
 from tests.unit.fakes import FakeGuestMemory
 from kairos_libvirt.introspect.tasks import MAX_TASKS, STABLE_SAMPLES, TaskModel
 from kairos_libvirt.model import VcpuSched
@@ -459,6 +460,7 @@ class FakeBackend:
         self.closed = 0
         self.mem = FakeMemory()
         self.hits = []
+        self.control = ControlQueue()
 
     def open(self):
         self.opened += 1
@@ -475,12 +477,14 @@ class FakeBackend:
         self.armed.discard(a)
 
     def request(self, op):
-        op()
+        self.control.put(op)  # as the real backends: run in run(), in order
 
     def run(self, on_hit, stop):
+        self.control.run_pending()
         for h in self.hits:
             on_hit(h, self.mem.read)
-        stop.wait(5)
+        while not stop.wait(0.005):
+            self.control.run_pending()
 
     def close(self):
         self.closed += 1
@@ -551,25 +555,33 @@ def running_intro(monkeypatch, held=False):
     if held:
         intro.hold(True)  # before attach: no site is ever armed
     intro.start()
-    deadline = time.monotonic() + 5
-    while intro.status.state not in ("running", "held") and time.monotonic() < deadline:
-        time.sleep(0.01)
+    until(intro, "held" if held else "running")
     return intro, be
+
+
+def until(intro, state):
+    deadline = time.monotonic() + 5
+    while intro.status.state != state and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert intro.status.state == state, (intro.status.state, intro.status.error)
 
 
 def test_hold_disarms_every_site_and_unhold_arms_them_again(monkeypatch):
     intro, be = running_intro(monkeypatch)
     try:
         sites = set(intro.status.sites.values())
-        assert intro.status.state == "running" and be.armed == sites and len(sites) == 4
+        assert be.armed == sites and len(sites) == 4
         be.cooling = {0x201000: 0.0}  # a rate-limited site must not come back while held
         intro.hold(True)
-        assert intro.status.state == "held" and be.armed == set() and be.cooling == {}
+        until(intro, "held")
+        assert be.armed == set() and be.cooling == {}
         intro.tick()
         intro._sampling_policy()
+        time.sleep(0.05)
         assert be.armed == set()
         intro.hold(False)
-        assert intro.status.state == "running" and be.armed == sites
+        until(intro, "running")
+        assert be.armed == sites
     finally:
         intro.stop()
     assert intro.status.state == "stopped"
@@ -578,9 +590,9 @@ def test_hold_disarms_every_site_and_unhold_arms_them_again(monkeypatch):
 def test_hold_before_attach_arms_nothing(monkeypatch):
     intro, be = running_intro(monkeypatch, held=True)
     try:
-        assert intro.status.state == "held" and be.armed == set()
-        assert len(intro.status.sites) == 4
+        assert be.armed == set() and len(intro.status.sites) == 4
         intro.hold(False)
+        until(intro, "running")
         assert be.armed == set(intro.status.sites.values())
     finally:
         intro.stop()
@@ -593,10 +605,14 @@ def test_hold_failure_is_reported_and_not_called_held(monkeypatch):
             raise KairosError("KAIROS_UD_CTL disarm: Connection timed out")
         be.disarm = stuck
         intro.hold(True)
+        deadline = time.monotonic() + 5
+        while not intro.status.error and time.monotonic() < deadline:
+            time.sleep(0.005)
         assert intro.status.state == "running" and "timed out" in intro.status.error
         del be.disarm  # the vCPU runs again: the agent's next call succeeds
         intro.hold(True)
-        assert intro.status.state == "held" and be.armed == set() and intro.status.error is None
+        until(intro, "held")
+        assert be.armed == set() and intro.status.error is None
     finally:
         intro.stop()
 
