@@ -246,7 +246,9 @@ class KvmUdBackend:
         if addr not in self.armed:
             return
         assert self.ud is not None
-        self.ud.disarm(self.table.index(addr), timeout_ms=self.timeout_ms)
+        after = self.ud.disarm(self.table.index(addr), timeout_ms=self.timeout_ms)
+        if after == kvmud.ARMED5:  # the kernel read the site back: still a trap
+            raise KairosError(f"kvm-ud: the site at {addr:#x} still holds UD2 after disarm")
         self.armed.discard(addr)
 
     def request(self, op: Callable[[], None]) -> None:

@@ -15,7 +15,8 @@ Runs in L1 (chroot on the host's / under a tmpfs overlay) after the other phases
    fallback note), the 2ms/10ms task, the vCPU thread's SCHED_DEADLINE (sched_getattr in L1) becoming
    the analysed interface (source=introspection), cyclictest's observed period 5 ms, chrt's FIFO 60 task
    found and gone, and the vCPU shrinking back to 1.5ms/10ms when no program runs;
-4. ``virsh destroy``: no ledger entry left (``kairosvm ledger --json``), the agent gone.
+4. ``kairosvm hold`` (every site disarmed, read back by the kernel; no trap for 12 s) and ``unhold``;
+5. ``virsh destroy``: no ledger entry left (``kairosvm ledger --json``), the agent gone.
 
 Writes OUT/libvirt.json; tests/nested/test_libvirt_in_l1.py asserts on it.
 """
@@ -249,6 +250,7 @@ def run(r: dict) -> None:
     r["back"] = {"status_vcpu": v, "kernel": k, "chrt": sh("chrt", "-p", str(tid)).stdout.strip(),
                  "tasks": len(d.get("guest_tasks", []))}
     log(f"back: {k}")
+    hold_phase(r)
     x = live_state()
     r["introspection_end"] = intro_of(x)
     r["status_end"] = status()
@@ -270,6 +272,29 @@ def run(r: dict) -> None:
     r["ledger_after_destroy"] = led
     r["agent_dir_after_destroy"] = os.path.exists(f"/run/kairos/domains/{NAME}")
     log(f"destroy {r['destroy']}, ledger {led}")
+
+
+def hold_phase(r: dict) -> None:
+    """kairosvm hold / unhold with kvm-ud: the kernel reads every site back restored, no trap fires."""
+    def hits() -> int:
+        return int(intro_of(live_state()).get("hits") or 0)
+    p = sh(KAIROSVM, "hold", NAME, "--timeout", "60", timeout=120)
+    h = r["hold"] = {"rc": p.returncode, "out": p.stdout.strip(), "err": p.stderr.strip()[-600:],
+                     "state": intro_of(live_state()).get("state")}
+    log(f"hold: {h}")
+    if p.returncode != 0:
+        raise RuntimeError(f"kairosvm hold failed: {p.stderr.strip()[-600:]}")
+    time.sleep(3)           # counters are republished every 2 s
+    h1 = hits()
+    time.sleep(12)          # the guest's loop calls clock_nanosleep (shell sleeps) all along
+    h["hits"] = [h1, hits()]
+    p = sh(KAIROSVM, "unhold", NAME, "--timeout", "60", timeout=120)
+    u = r["unhold"] = {"rc": p.returncode, "out": p.stdout.strip(), "err": p.stderr.strip()[-600:]}
+    if p.returncode != 0:
+        raise RuntimeError(f"kairosvm unhold failed: {p.stderr.strip()[-600:]}")
+    u["hits_after"] = wait(lambda: hits() > h["hits"][1] and hits(), 60, "traps to fire after unhold", 0.5)
+    u["state"] = intro_of(live_state()).get("state")
+    log(f"unhold: {u}")
 
 
 def main() -> int:

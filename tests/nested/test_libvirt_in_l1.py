@@ -88,6 +88,15 @@ def test_periodic_fifo_programs_are_observed_through_status(lv: dict) -> None:
     assert lv["chrt_gone"]
 
 
+def test_hold_disarms_every_kvm_ud_site_and_unhold_rearms(lv: dict) -> None:
+    """kairosvm hold before a save or migration: kvm-ud restores the guest text (read back)."""
+    h, u = lv["hold"], lv["unhold"]
+    assert h["rc"] == 0 and "held: no trap armed" in h["out"] and h["state"] == "held", h
+    assert h["hits"][0] == h["hits"][1], h  # 12 s of guest activity, not one trap
+    assert u["rc"] == 0 and "traps armed again" in u["out"] and u["state"] == "running", u
+    assert u["hits_after"] > h["hits"][1]
+
+
 def test_virsh_destroy_leaves_no_ledger_entry_and_no_agent(lv: dict) -> None:
     assert lv["destroy"]["rc"] == 0, lv["destroy"]
     assert lv["ledger_after_destroy"]["domains"] == {}

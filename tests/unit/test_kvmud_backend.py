@@ -191,6 +191,16 @@ def test_arm_sets_one_table_in_plan_order_and_close_restores(rig):
     assert fake.traps == [] and fake.closed
 
 
+def test_a_disarm_the_kernel_reads_back_armed_is_an_error(rig):
+    """hold trusts the kernel's read-back of the site, not the ioctl's success alone."""
+    guest, fake, be = rig
+    site = SITES["sched_setattr"]
+    fake.disarm = lambda index, **kw: ARMED5
+    with pytest.raises(KairosError, match="still holds UD2"):
+        be.disarm(site)
+    assert site in be.armed
+
+
 def test_read_peeks_in_64_byte_pieces(rig):
     guest, fake, be = rig
     guest.put(0xffffffff82000000 - 10, bytes(range(200)))
