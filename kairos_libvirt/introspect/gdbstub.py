@@ -140,7 +140,9 @@ class GdbstubBackend:
             self.armed.add(addr)
 
     def disarm(self, addr: int) -> None:
+        """Remove the breakpoint; a site cooling off after its rate limit stays off too."""
         assert self.client is not None
+        self.cooling.pop(addr, None)
         if addr in self.armed:
             self.client.remove_breakpoint(addr)
             self.armed.discard(addr)

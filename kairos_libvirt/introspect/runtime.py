@@ -240,9 +240,6 @@ class Introspector:
 
         def apply() -> None:
             sites = list(self.backend.plan.sites) if self.backend.plan else []
-            cooling = getattr(self.backend, "cooling", None)
-            if cooling is not None:
-                cooling.clear()  # a rate-limited site must not come back while held
             try:
                 for a in sites:
                     if on:
