@@ -34,6 +34,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from kairos_libvirt.errors import KairosError
 
+from .symbols import ENDBR64, FENTRY_NOP
+
 __all__ = [
     "KvmUdError", "API_VERSION", "PARAM_PATH", "MAX_TRAPS", "MAX_FETCH", "DATA_MAX", "PEEK_MAX",
     "NOP5", "ARMED5", "ENDBR64", "BASE_PREV", "REGISTERS", "EVENT_SIZE", "RING_MAGIC",
@@ -66,9 +68,10 @@ MAX_FETCH = 4
 DATA_MAX = 384
 PEEK_MAX = 64
 SITE_LEN = 5
-NOP5 = bytes((0x0F, 0x1F, 0x44, 0x00, 0x00))
+#: The kernel arms only a site holding the fentry NOP (after an optional
+#: ENDBR64): the very bytes symbols.fentry_site checks before the agent arms.
+NOP5 = FENTRY_NOP
 ARMED5 = bytes((0x0F, 0x0B, 0x44, 0x00, 0x00))
-ENDBR64 = bytes((0xF3, 0x0F, 0x1E, 0xFA))
 BASE_PREV = 16
 #: KVM's register numbering (``enum kvm_reg``), the ``base`` of a fetch step.
 REGISTERS: Dict[str, int] = {
