@@ -48,9 +48,19 @@ def run(testbed_out: Path) -> dict:
     return r
 
 
-@pytest.fixture(scope="session")
-def intro(testbed_out: Path) -> dict:
-    p = testbed_out / "intro.json"
+def phase_result(testbed_out: Path, name: str) -> dict:
+    """A testbed phase's OUT/NAME.json; a missing file fails (the phase did not finish)."""
+    p = testbed_out / name
     if not p.exists():
         pytest.fail(f"the testbed wrote no {p} (see l1-console.log next to it)")
     return json.loads(p.read_text())
+
+
+@pytest.fixture(scope="session")
+def intro(testbed_out: Path) -> dict:
+    return phase_result(testbed_out, "intro.json")
+
+
+@pytest.fixture(scope="session")
+def lv(testbed_out: Path) -> dict:
+    return phase_result(testbed_out, "libvirt.json")

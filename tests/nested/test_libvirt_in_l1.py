@@ -10,22 +10,11 @@ thread in L1, ``virsh destroy``, ``kairosvm ledger --json``.  It writes OUT/libv
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 pytestmark = pytest.mark.nested
 
 DECLARED = {"policy": "deadline", "runtime_ns": 1_500_000, "deadline_ns": 10_000_000, "period_ns": 10_000_000}
-
-
-@pytest.fixture(scope="module")
-def lv(testbed_out: Path) -> dict:
-    p = testbed_out / "libvirt.json"
-    if not p.exists():
-        pytest.fail(f"the testbed wrote no {p} (see l1-console.log next to it)")
-    return json.loads(p.read_text())
 
 
 def test_libvirt_phase_reported_no_error(lv: dict) -> None:
