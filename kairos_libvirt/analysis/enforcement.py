@@ -1,0 +1,105 @@
+"""How the host really enforces a SCHED_DEADLINE server, and what that leaves the guest (pure).
+
+Without the ``HRTICK_DL`` scheduler feature (off by default, and unreadable
+under lockdown), the kernel notices an exhausted runtime only when it next
+accounts the running task: at a context switch or at the scheduler tick.  A
+greedy vCPU thread is switched out only by the tick, so it overruns its
+runtime by up to one tick ``g`` (4 ms at HZ=250).  The kernel keeps the
+overrun as debt (``replenish_dl_entity`` adds whole periods while the
+runtime is not positive), so the average bandwidth stays right but the
+supply pattern does not: with Θ below a tick the thread runs a tick, then
+skips periods to repay it (measured: 1 ms / 1 ms / 7 ms went 33.9 ms
+without the CPU; the EDP bound is 6 ms).
+
+The model, for a server with runtime R, deadline Δ, period Π and an
+enforcement granularity g (the worst overrun):
+
+1. **Every chunk of execution is at most R + g long**, and k consecutive
+   chunks at most kR + g (the debt is below g at every throttle).  So the
+   host-level tests count a server as a constrained-deadline sporadic task
+   of execution R + g, deadline Δ, period Π (density (R + g)/Δ), and its
+   processor demand in a window of length L ≥ Δ as dbf(L) + g.
+2. **If every chunk completes by its deadline** (the host test passes; it
+   needs R + g ≤ Δ), then by the deadline of its k-th period the thread has
+   consumed at least kR (the debt only carries excess), while at the start of
+   a period it can have consumed at most the EDP's most plus g.  The supply
+   in any window is therefore at least sbf_EDP(t) − g.
+3. **A lower bound in the EDP family.**  sbf_EDP is superadditive (a window
+   of a + b contains one of a and one of b), so with X = sbf_EDP⁻¹(g),
+   sbf_EDP(t − X) ≤ sbf_EDP(t) − sbf_EDP(X) ≤ sbf_EDP(t) − g.  And
+   sbf_EDP(t − X; Π, Θ, Δ) is sbf_EDP(t; Π, Θ, Δ + X): the same formula with
+   the deadline moved by X.  The guest analysis therefore runs unchanged on
+   the "effective deadline" Δ + X (which may exceed Π: it only delays).
+
+With HRTICK_DL on, g is the hrtimer's slack (tens of µs); with g = 0 the
+model is the plain EDP.  docs/analysis.md has the derivation at length and
+``bench/supply`` checks it against the real kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import AnalysisError
+from .supply import sbf, sbf_inverse
+
+#: What an HRTICK_DL host overruns by at most: the hrtimer programmed at the
+#: runtime's end fires late by its slack and the IRQ path (measured well below).
+HRTICK_SLACK_NS = 50_000
+
+
+@dataclass(frozen=True)
+class Enforcement:
+    """The host's enforcement granularity: the longest a server can overrun its runtime."""
+
+    granularity_ns: int
+    #: How it was found, for messages ("tick: CONFIG_HZ=250, HRTICK_DL off", …).
+    source: str = "exact (no overrun)"
+
+    def __post_init__(self) -> None:
+        g = self.granularity_ns
+        if not isinstance(g, int) or isinstance(g, bool) or g < 0:
+            raise AnalysisError(f"enforcement granularity {g!r} ns is not allowed; use a whole "
+                                "number of nanoseconds >= 0")
+
+    def chunk_ns(self, runtime_ns: int) -> int:
+        """Longest execution of one period's chunk: the runtime plus one overrun."""
+        return runtime_ns + self.granularity_ns
+
+    def suppliable(self, runtime_ns: int, deadline_ns: int) -> bool:
+        """Can a chunk (runtime + overrun) fit before the deadline at all?"""
+        return self.chunk_ns(runtime_ns) <= deadline_ns
+
+    def delay_ns(self, period_ns: int, budget_ns: int, deadline_ns: int) -> int:
+        """X = sbf⁻¹(g): how far the guest's supply curve is pushed right by the overrun."""
+        if self.granularity_ns == 0:
+            return 0
+        return sbf_inverse(self.granularity_ns, period_ns, budget_ns, deadline_ns)
+
+    def effective_deadline_ns(self, period_ns: int, budget_ns: int, deadline_ns: int) -> int:
+        """Δ + X: the deadline of the EDP whose sbf the guest analysis may assume."""
+        return deadline_ns + self.delay_ns(period_ns, budget_ns, deadline_ns)
+
+    def delivered_sbf(self, t: int, period_ns: int, budget_ns: int, deadline_ns: int) -> int:
+        """Least supply in any window of ``t`` that the analysis assumes the host delivers.
+
+        Valid only when the host-level test passes (every chunk meets its deadline).
+        """
+        return sbf(t, period_ns, budget_ns, self.effective_deadline_ns(period_ns, budget_ns,
+                                                                       deadline_ns))
+
+
+#: The model of a host that enforces budgets exactly (HRTICK_DL with no slack): the plain EDP.
+EXACT = Enforcement(0)
+
+
+def tick_enforcement(hz: int, hrtick_dl: bool | None) -> Enforcement:
+    """The granularity of a kernel with CONFIG_HZ=``hz``: one tick, or the hrtick slack.
+
+    ``hrtick_dl`` None means unknown (debugfs unreadable): assume the default, off.
+    """
+    if not isinstance(hz, int) or isinstance(hz, bool) or hz <= 0:
+        raise AnalysisError(f"CONFIG_HZ {hz!r} is not allowed; use a positive integer")
+    if hrtick_dl:
+        return Enforcement(HRTICK_SLACK_NS, f"HRTICK_DL on (CONFIG_HZ={hz})")
+    state = "off" if hrtick_dl is False else "unknown, assumed off (the kernel's default)"
+    return Enforcement(-(-1_000_000_000 // hz), f"tick: CONFIG_HZ={hz}, HRTICK_DL {state}")
