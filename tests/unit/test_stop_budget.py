@@ -1,0 +1,111 @@
+"""The stop budget's arithmetic (injectable clock) and the gdbstub backend's obedience to it."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+
+from kairos_libvirt.introspect.budget import BudgetSpec, StopBudget
+
+MS = 1_000_000
+S = 1_000_000_000
+
+
+class Clock:
+    def __init__(self, t: int = 10 * S) -> None:
+        self.t = t
+
+    def __call__(self) -> int:
+        return self.t
+
+
+def budget(share=Fraction(1, 100), max_stop=5 * MS, **kw) -> StopBudget:
+    return StopBudget(BudgetSpec(share=share, max_stop_ns=max_stop, **kw), clock=Clock())
+
+
+def test_stopped_in_counts_overlaps_at_the_window_edges():
+    b = budget()
+    b.record(0, 4 * MS)
+    b.record(10 * MS, 14 * MS)
+    assert b.stopped_in(0, 20 * MS) == 8 * MS
+    assert b.stopped_in(2 * MS, 12 * MS) == 4 * MS       # half of each
+    assert b.stopped_in(4 * MS, 10 * MS) == 0             # the gap, edges touching
+    assert b.stopped_in(13 * MS, 13 * MS) == 0
+
+
+def test_the_first_stop_is_reserved_at_the_longest_allowed():
+    b = budget(max_stop=5 * MS)
+    assert b.expected_ns == 5 * MS
+    b.record(0, 2 * MS)
+    assert b.expected_ns == 3 * MS                        # 1.5 x the longest recent
+    b.record(10 * MS, 10 * MS + 4 * MS)
+    assert b.expected_ns == 5 * MS                        # capped at max_stop
+
+
+def test_can_stop_refuses_a_stop_that_would_overrun_the_window_and_allows_it_later():
+    b = budget(share=Fraction(1, 100), max_stop=4 * MS)   # 10 ms in any 1 s
+    clock = b.clock
+    b.record(clock.t, clock.t + 2 * MS)                   # expected: 3 ms
+    clock.t += 2 * MS
+    b.record(clock.t, clock.t + 2 * MS)
+    clock.t += 2 * MS
+    # 4 ms stopped, 3 ms more fits 10 ms; twice (6 ms) also; three times does not
+    assert b.can_stop()
+    assert b.can_stop(n=2)
+    assert not b.can_stop(n=3)
+    b.record(clock.t, clock.t + 2 * MS)
+    b.record(clock.t + 2 * MS, clock.t + 4 * MS)
+    clock.t += 4 * MS
+    assert not b.can_stop()                               # 8 + 3 > 10
+    wait = b.wait_left_ns()
+    assert 0 < wait <= S
+    # by then the first stop has left the window the next stop would close (an upper
+    # bound: 1 ms of it leaving is enough here, 1.5 ms before is still too early)
+    assert b.can_stop(now=clock.t + wait)
+    assert not b.can_stop(now=clock.t + wait - 3 * MS // 2)
+
+
+def test_the_open_stop_counts_while_the_vm_is_stopped():
+    b = budget(share=Fraction(1, 100), max_stop=4 * MS)
+    b.begin(now=0)
+    assert b.stopped
+    assert not b.can_stop(now=8 * MS)                     # 8 ms open + 4 ms expected > 10
+    assert b.end(now=8 * MS) == 8 * MS
+    assert not b.stopped and b.total_ns == 8 * MS and b.longest_ns == 8 * MS
+    assert b.long_stops == 1                              # over max_stop: reported, not hidden
+
+
+def test_peak_window_is_the_busiest_window_of_trap_stops():
+    b = budget(share=Fraction(5, 100), max_stop=10 * MS)
+    for k in range(5):                                     # 5 x 4 ms within 100 ms
+        b.record(k * 20 * MS, k * 20 * MS + 4 * MS)
+    b.record(3 * S, 3 * S + 4 * MS)                        # alone, 3 s later
+    assert b.peak_window_ns == 20 * MS
+    assert b.stops == 6 and b.total_ns == 24 * MS
+
+
+def test_attach_stops_have_their_own_allowance_but_hold_traps_back():
+    b = budget(share=Fraction(5, 100), max_stop=10 * MS, attach_stop_ns=200 * MS, attach_limit=2)
+    assert b.can_attach()
+    b.record(0, 120 * MS, "attach")
+    assert b.attaches == 1 and b.attach_longest_ns == 120 * MS and b.long_stops == 0
+    assert b.peak_window_ns == 0 and b.longest_ns == 0     # not a trap stop
+    assert not b.can_stop(now=120 * MS)                    # traps wait for the attach to leave
+    assert b.can_stop(now=120 * MS + S)
+    b.record(2 * S, 2 * S + 300 * MS, "attach")
+    assert b.long_stops == 1 and not b.can_attach()
+
+
+def test_waiting_time_is_accounted():
+    b = budget()
+    b.start_wait(now=S)
+    b.start_wait(now=S + 5)                                # idempotent
+    assert b.waiting and b.waits == 1
+    b.stop_wait(now=S + 300 * MS)
+    assert not b.waiting and b.wait_ns == 300 * MS
+    assert b.report()["budget_wait_ns"] == 300 * MS
+
+
+def test_the_spec_refuses_a_stop_longer_than_the_share():
+    with pytest.raises(AssertionError):
+        BudgetSpec(share=Fraction(1, 100), max_stop_ns=20 * MS)
