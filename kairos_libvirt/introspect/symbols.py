@@ -29,6 +29,7 @@ from kairos_libvirt.errors import KairosError
 __all__ = [
     "SymbolError", "Reader", "Symbol", "GuestSymbols", "RuntimeSymbols",
     "find_slide", "slide_candidates", "fentry_site", "read_fault", "read_exact", "try_read",
+    "KernelPlacement", "find_kernel_phys", "place_kernel", "SYSTEM_RUNNING",
     "KERNEL_MAP_START", "KERNEL_MAP_END", "KASLR_ALIGN", "LINK_TEXT",
     "FENTRY_NOP", "ENDBR64",
 ]
@@ -317,3 +318,129 @@ def fentry_site(read: Reader, addr: int) -> int:
     raise SymbolError(f"function at {addr:#x} does not begin with the fentry NOP 0f 1f 44 00 00 "
                       f"(found {code.hex(' ')}): {hint}")
 
+
+
+# --------------------------------------------------------------------------
+# The kernel in guest-physical memory: found, placed and read with no VM stop.
+
+#: ``enum system_states`` (include/linux/kernel.h): BOOTING, SCHEDULING,
+#: FREEING_INITMEM, RUNNING, ...  From RUNNING on, init has been started and
+#: every boot-time change to the kernel text (ftrace's NOPs) is done.
+SYSTEM_RUNNING = 3
+_SYSTEM_STATE_MAX = 7            # SYSTEM_SUSPEND: anything above is not the enum
+
+
+def _link_text(symbols: GuestSymbols) -> int:
+    return symbols.address("_text") if "_text" in symbols else LINK_TEXT
+
+
+def find_kernel_phys(phys_read: Reader, symbols: GuestSymbols, ram_bytes: int) -> Optional[int]:
+    """Guest-physical ``_text`` of the kernel *symbols* describe, or None if it is not in RAM (yet).
+
+    The image is decompressed to a 2 MiB-aligned physical address (physical
+    KASLR), so ``linux_banner`` lies at ``_text + (linux_banner - _text)``
+    for one 2 MiB step: one short read per step, no VM stop.  The boot
+    loader's copy (compressed) and the log buffer's copy (elsewhere) cannot
+    match at that offset with the NUL after it.
+    """
+    banner = symbols.banner.encode("ascii", "replace") + b"\0"
+    off = symbols.address("linux_banner") - _link_text(symbols)
+    if not 0 <= off < KERNEL_MAP_END - KERNEL_MAP_START:
+        raise SymbolError(f"linux_banner is {off:#x} from _text: the symbol table is not an x86_64 kernel's")
+    head = banner[:32]
+    for base in range(0, max(0, ram_bytes - off - len(banner)) + 1, KASLR_ALIGN):
+        got, fault = try_read(phys_read, base + off, len(head))
+        if got == head:
+            full, _ = try_read(phys_read, base + off, len(banner))
+            if full == banner:
+                return base
+    return None
+
+
+@dataclass(frozen=True)
+class KernelPlacement:
+    """Where the running guest kernel is: physically, virtually (slide), and how far it booted.
+
+    ``phys_text`` is the guest-physical ``_text``, ``slide`` the virtual
+    KASLR slide, ``direct_map`` the runtime ``page_offset_base`` (None when
+    unknown), ``state`` the kernel's ``system_state`` (None without the
+    symbol).  :meth:`reader` reads kernel-image and direct-map addresses
+    from physical memory: guest-virtual reads with no vCPU stopped.
+    """
+
+    phys_text: int
+    slide: int
+    text: int
+    end: int
+    ram_bytes: int
+    direct_map: Optional[int] = None
+    state: Optional[int] = None
+
+    @property
+    def up(self) -> bool:
+        """The kernel finished booting (or we cannot tell and it is placed)."""
+        return self.state is None or self.state >= SYSTEM_RUNNING
+
+    def phys(self, vaddr: int, n: int = 1) -> Optional[int]:
+        """Guest-physical address of kernel-virtual *vaddr* (None: not image nor direct map)."""
+        lo = self.text + self.slide
+        if lo <= vaddr and vaddr + n <= self.end + self.slide:
+            return self.phys_text + vaddr - lo
+        if self.direct_map is not None and self.direct_map <= vaddr and \
+                vaddr + n <= self.direct_map + self.ram_bytes:
+            return vaddr - self.direct_map
+        return None
+
+    def reader(self, phys_read: Reader) -> Reader:
+        def read(vaddr: int, n: int) -> bytes:
+            p = self.phys(vaddr, max(n, 1))
+            if p is None:
+                raise SymbolError(f"{vaddr:#x}+{n} is neither in the kernel image nor in the direct "
+                                  "map: not readable from physical memory")
+            return phys_read(p, n)
+        return read
+
+
+def place_kernel(phys_read: Reader, symbols: GuestSymbols, ram_bytes: int) -> Optional[KernelPlacement]:
+    """The running kernel's placement from guest-physical memory alone, or None if not there yet.
+
+    The virtual slide comes from the kernel's own ``phys_base``, which
+    ``__startup_64()`` sets to ``phys(_text) - (virt(_text) - __START_KERNEL_map)``
+    before anything else runs (arch/x86/kernel/head64.c), so
+    ``slide = phys(_text) - (_text - __START_KERNEL_map) - phys_base``.  It
+    is believed only once ``system_state`` says the kernel booted (before
+    that, ``phys_base`` may still be its link-time 0), and it must be 2 MiB
+    aligned and keep the image in the kernel map; anything else is not the
+    kernel the table describes (SymbolError).
+    """
+    phys_text = find_kernel_phys(phys_read, symbols, ram_bytes)
+    if phys_text is None:
+        return None
+    text = _link_text(symbols)
+    end = symbols.address("_end") if "_end" in symbols else text + (KERNEL_MAP_END - text)
+
+    def sym_u(name: str, size: int) -> Optional[int]:
+        if name not in symbols:
+            return None
+        p = phys_text + symbols.address(name) - text
+        raw = read_exact(phys_read, p, size, f"{name} (guest-physical {p:#x})")
+        return int.from_bytes(raw, "little")
+
+    state = sym_u("system_state", 4)
+    if state is not None and state > _SYSTEM_STATE_MAX:
+        raise SymbolError(f"system_state of the guest kernel reads {state}: not the kernel the symbol "
+                          f"table describes ({symbols.source or 'unknown source'})")
+    if state is not None and state < SYSTEM_RUNNING:
+        return KernelPlacement(phys_text, 0, text, end, ram_bytes, None, state)
+    phys_base = sym_u("phys_base", 8)
+    if phys_base is None:
+        raise SymbolError("the guest kernel's symbol table has no phys_base: cannot tell its KASLR slide "
+                          "from physical memory")
+    slide = (phys_text - (text - KERNEL_MAP_START) - phys_base + (1 << 63)) % (1 << 64) - (1 << 63)
+    if slide % KASLR_ALIGN or not KERNEL_MAP_START <= text + slide < KERNEL_MAP_END:
+        raise SymbolError(f"phys_base {phys_base:#x} with _text at guest-physical {phys_text:#x} gives the "
+                          f"slide {slide:#x}: not a 2 MiB-aligned slide inside the kernel map")
+    direct = sym_u("page_offset_base", 8)
+    if direct is not None and (direct % (1 << 30) or direct < (1 << 63)):
+        direct = None   # not a kernel-half, 1 GiB-aligned base: do not translate through it
+    return KernelPlacement(phys_text, slide, text, end, ram_bytes, direct, state)
