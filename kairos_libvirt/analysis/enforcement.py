@@ -24,12 +24,8 @@ enforcement granularity g (the worst overrun):
    consumed at least kR (the debt only carries excess), while at the start of
    a period it can have consumed at most the EDP's most plus g.  The supply
    in any window is therefore at least sbf_EDP(t) − g.
-3. **A lower bound in the EDP family.**  sbf_EDP is superadditive (a window
-   of a + b contains one of a and one of b), so with X = sbf_EDP⁻¹(g),
-   sbf_EDP(t − X) ≤ sbf_EDP(t) − sbf_EDP(X) ≤ sbf_EDP(t) − g.  And
-   sbf_EDP(t − X; Π, Θ, Δ) is sbf_EDP(t; Π, Θ, Δ + X): the same formula with
-   the deadline moved by X.  The guest analysis therefore runs unchanged on
-   the "effective deadline" Δ + X (which may exceed Π: it only delays).
+   The guest analysis uses exactly that: EDP(Π, Θ, Δ) with a loss g
+   (:mod:`.supply`, ``loss``), the same exact tests otherwise.
 
 With HRTICK_DL on, g is the hrtimer's slack (tens of µs); with g = 0 the
 model is the plain EDP.  docs/analysis.md has the derivation at length and
@@ -40,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import AnalysisError
-from .supply import sbf, sbf_inverse
+from .supply import EDP, sbf
 
 #: What an HRTICK_DL host overruns by at most: the hrtimer programmed at the
 #: runtime's end fires late by its slack and the IRQ path (measured well below).
@@ -69,23 +65,16 @@ class Enforcement:
         """Can a chunk (runtime + overrun) fit before the deadline at all?"""
         return self.chunk_ns(runtime_ns) <= deadline_ns
 
-    def delay_ns(self, period_ns: int, budget_ns: int, deadline_ns: int) -> int:
-        """X = sbf⁻¹(g): how far the guest's supply curve is pushed right by the overrun."""
-        if self.granularity_ns == 0:
-            return 0
-        return sbf_inverse(self.granularity_ns, period_ns, budget_ns, deadline_ns)
-
-    def effective_deadline_ns(self, period_ns: int, budget_ns: int, deadline_ns: int) -> int:
-        """Δ + X: the deadline of the EDP whose sbf the guest analysis may assume."""
-        return deadline_ns + self.delay_ns(period_ns, budget_ns, deadline_ns)
-
-    def delivered_sbf(self, t: int, period_ns: int, budget_ns: int, deadline_ns: int) -> int:
-        """Least supply in any window of ``t`` that the analysis assumes the host delivers.
+    def supply(self, period_ns: int, budget_ns: int, deadline_ns: int) -> EDP:
+        """The supply model the guest may assume of this server: EDP less one overrun.
 
         Valid only when the host-level test passes (every chunk meets its deadline).
         """
-        return sbf(t, period_ns, budget_ns, self.effective_deadline_ns(period_ns, budget_ns,
-                                                                       deadline_ns))
+        return EDP(period_ns, budget_ns, deadline_ns, self.granularity_ns)
+
+    def delivered_sbf(self, t: int, period_ns: int, budget_ns: int, deadline_ns: int) -> int:
+        """Least supply in any window of ``t`` that the analysis assumes the host delivers."""
+        return sbf(t, period_ns, budget_ns, deadline_ns, self.granularity_ns)
 
 
 #: The model of a host that enforces budgets exactly (HRTICK_DL with no slack): the plain EDP.

@@ -81,6 +81,9 @@ class ServerInterface:
     #: False if some EDF test hit its work limit: the budget is safe but
     #: possibly above the minimum for this period (see Workload.max_work).
     exact: bool = True
+    #: The host's enforcement granularity the server was sized for (see
+    #: :mod:`.enforcement`): the chunk runtime + this fits before the deadline.
+    enforcement_ns: int = 0
 
     @property
     def runtime_ns(self) -> int:
@@ -89,8 +92,20 @@ class ServerInterface:
 
     @property
     def bandwidth(self) -> Fraction:
-        """runtime/period, exact: what host admission control counts."""
+        """runtime/period, exact: what the kernel's admission counts."""
         return Fraction(self.runtime_ns, self.period_ns)
+
+    @property
+    def host_density(self) -> Fraction:
+        """(runtime + overrun)/deadline: what the sound host tests count (0 without a runtime)."""
+        if not self.runtime_ns:
+            return Fraction(0)
+        return Fraction(self.runtime_ns + self.enforcement_ns, self.deadline_ns)
+
+    @property
+    def supply(self) -> EDP:
+        """What the guest tasks may assume: EDP(Π, Θ, Δ) less the host's overrun."""
+        return EDP(self.period_ns, self.budget_ns, self.deadline_ns, self.enforcement_ns)
 
 
 @dataclass(frozen=True)
@@ -160,38 +175,41 @@ def _budget_range(wl: Workload, period: int, max_runtime: int, overhead: int,
 
 
 def _min_budget(wl: Workload, period: int, deadline: Optional[int], overhead: int, grid: int,
-                cap_ns: Optional[int] = None) -> Optional[int]:
-    """Least Θ on the grid; ``deadline=None`` ties Δ to Θ + overhead (EDP search).
+                cap_ns: Optional[int] = None, loss: int = 0) -> Optional[int]:
+    """Least Θ on the grid; ``deadline=None`` ties Δ to Θ + overhead + loss (EDP search).
 
-    ``wl.capped`` grows if some test was not proven (then Θ may not be least).
+    ``loss`` is the host's enforcement granularity: the chunk Θ + overhead +
+    loss must fit before Δ, and the guest gets sbf − loss.  ``wl.capped``
+    grows if some test was not proven (then Θ may not be least).
     """
-    max_runtime = period if deadline is None else deadline
+    max_runtime = (period if deadline is None else deadline) - loss
     lo, hi = _budget_range(wl, period, max_runtime, overhead, grid)
     if cap_ns is not None:
         hi = min(hi, cap_ns // grid)
     if deadline is None:
-        def at(k: int) -> Tuple[int, int, int]:
-            return period, k * grid, k * grid + overhead
+        def at(k: int) -> Tuple[int, int, int, int]:
+            return period, k * grid, k * grid + overhead + loss, loss
     else:
-        def at(k: int) -> Tuple[int, int, int]:
-            return period, k * grid, deadline
+        def at(k: int) -> Tuple[int, int, int, int]:
+            return period, k * grid, deadline, loss
     k = _least(lo, hi, at, wl.violation)
     return None if k is None else k * grid
 
 
-def _max_deadline(wl: Workload, period: int, budget: int, overhead: int, grid: int) -> int:
-    """A large Δ on the grid (from Θ + overhead up to Π) that keeps Θ schedulable.
+def _max_deadline(wl: Workload, period: int, budget: int, overhead: int, grid: int,
+                  loss: int = 0) -> int:
+    """A large Δ on the grid (from Θ + overhead + loss up to Π) that keeps Θ schedulable.
 
     Uses the quick sufficient test (:attr:`Workload.quick`): the deadline is
     the loosest one that test proves, which is safe and cheap; the exact
-    largest one may be a little larger.  Δ = Θ + overhead passed the exact
-    budget search, so it is the fallback.
+    largest one may be a little larger.  Δ = Θ + overhead + loss passed the
+    exact budget search, so it is the fallback.
     """
-    base = budget + overhead
+    base = budget + overhead + loss
     steps = (period - base) // grid
 
-    def at(k: int) -> Tuple[int, int, int]:
-        return period, budget, base + (steps - k) * grid
+    def at(k: int) -> Tuple[int, int, int, int]:
+        return period, budget, base + (steps - k) * grid, loss
     wl.quick, wl_work = True, wl.max_steps
     wl.set_work(SEARCH_WORK)
     try:
@@ -261,7 +279,7 @@ FINALISTS = 2
 
 
 def _search_period(wl: Workload, lo: int, hi: int, model: str, overhead: int, grid: int,
-                   steps: int) -> Optional[Tuple[int, int, bool]]:
+                   steps: int, loss: int = 0) -> Optional[Tuple[int, int, bool]]:
     """Best (Π, Θ, exact) on the grid by (Θ + overhead)/Π; larger Π wins ties (fewer switches).
 
     Candidates are ranked with cheap budgets (a sufficient test with a work
@@ -284,7 +302,7 @@ def _search_period(wl: Workload, lo: int, hi: int, model: str, overhead: int, gr
             if cap < 1:
                 ranked[p] = None
                 return
-        q = _min_budget(wl, p, None if model == "edp" else p, overhead, grid, cap)
+        q = _min_budget(wl, p, None if model == "edp" else p, overhead, grid, cap, loss)
         ranked[p] = q
         if q is not None and better(Fraction(q + overhead, p), p, best):
             best = (Fraction(q + overhead, p), p)
@@ -317,7 +335,7 @@ def _search_period(wl: Workload, lo: int, hi: int, model: str, overhead: int, gr
         assert proven is not None
         # The quick test proved ``proven`` safe (and that proof is remembered),
         # so the exact search finds it or a smaller budget.
-        q = _min_budget(wl, p, None if model == "edp" else p, overhead, grid, proven)
+        q = _min_budget(wl, p, None if model == "edp" else p, overhead, grid, proven, loss)
         assert q is not None and q <= proven
         found[p] = (q, wl.capped == before)
         cost = Fraction(q + overhead, p)
@@ -331,7 +349,8 @@ def interface_for(tasks: Sequence[Task], *, vcpus: int, model: str = "edp",
                   period_ns: Optional[int] = None, deadline_ns: Optional[int] = None,
                   overhead_ns: int = 0,
                   period_bounds: Optional[Tuple[int, int]] = None,
-                  granularity_ns: int = 1000, period_steps: int = 24) -> GuestInterface:
+                  granularity_ns: int = 1000, period_steps: int = 24,
+                  enforcement_ns: int = 0) -> GuestInterface:
     """Smallest safe per-vCPU servers for ``tasks`` on a guest with ``vcpus`` vCPUs.
 
     * ``model``: ``"edp"`` (deadline may be below the period) or ``"prm"``
@@ -348,6 +367,12 @@ def interface_for(tasks: Sequence[Task], *, vcpus: int, model: str = "edp",
       can sit a few ns above UΠ, where the exact test must look hundreds of
       seconds ahead (results then often say ``exact=False``).
     * ``period_steps``: points of the coarse geometric period grid.
+    * ``enforcement_ns``: the host's enforcement granularity g (one tick
+      without HRTICK_DL, see :mod:`.enforcement`): every server leaves room
+      for a chunk of runtime + g before its deadline, the guest is analysed
+      on sbf − g, and among the servers that meet every deadline the search
+      prefers the one the host's density test charges least, (runtime + g)/Δ,
+      then the least bandwidth.
     Tasks without a vCPU are partitioned (:mod:`.partition`); fp tasks without
     priorities get deadline-monotonic ones.
     """
@@ -370,6 +395,9 @@ def interface_for(tasks: Sequence[Task], *, vcpus: int, model: str = "edp",
                 or not DL_MIN_RUNTIME_NS <= lo_b <= hi_b):
             raise AnalysisError(f"period bounds {period_bounds!r} are not allowed; use "
                                 f"{DL_MIN_RUNTIME_NS} ns <= min <= max")
+    if not isinstance(enforcement_ns, int) or isinstance(enforcement_ns, bool) or enforcement_ns < 0:
+        raise AnalysisError(f"enforcement_ns {enforcement_ns!r} is not allowed; use whole "
+                            "nanoseconds >= 0")
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -380,7 +408,7 @@ def interface_for(tasks: Sequence[Task], *, vcpus: int, model: str = "edp",
     for v in range(vcpus):
         mine = [t for t in tasks if where[t.name] == v]
         servers.append(_server_for(v, mine, model, period_ns, deadline_ns, overhead_ns,
-                                   period_bounds, granularity_ns, period_steps))
+                                   period_bounds, granularity_ns, period_steps, enforcement_ns))
     return GuestInterface(
         servers=tuple(servers), model=model, partition="assumed" if assumed else "pinned",
         assignment=dict(where),
@@ -389,7 +417,7 @@ def interface_for(tasks: Sequence[Task], *, vcpus: int, model: str = "edp",
 
 def _server_for(vcpu: int, tasks: List[Task], model: str, period: Optional[int],
                 deadline: Optional[int], overhead: int, bounds: Optional[Tuple[int, int]],
-                grid: int, steps: int) -> ServerInterface:
+                grid: int, steps: int, loss: int = 0) -> ServerInterface:
     names = tuple(t.name for t in tasks)
     u = utilisation(tasks)
     if bounds is None:
@@ -402,41 +430,98 @@ def _server_for(vcpu: int, tasks: List[Task], model: str, period: Optional[int],
     if not tasks:
         p = period if period is not None else lo
         return ServerInterface(vcpu, 0, p, deadline or p, (), True, overhead, model, u, {},
-                               "no real-time tasks: no reservation needed")
+                               "no real-time tasks: no reservation needed", True, loss)
     wl = Workload(tasks)
     exact = True
+    found: Optional[Tuple[int, int, int]]
     if period is not None:
         if model == "prm" or deadline is not None:
             d = period if deadline is None else deadline
-            q = _min_budget(wl, period, d, overhead, grid)
+            q = _min_budget(wl, period, d, overhead, grid, None, loss)
             found = None if q is None else (period, q, d)
             exact = wl.capped == 0
         else:
-            q = _min_budget(wl, period, None, overhead, grid)
+            q = _min_budget(wl, period, None, overhead, grid, None, loss)
             exact = wl.capped == 0
-            found = None if q is None else (period, q, _max_deadline(wl, period, q, overhead, grid))
-        full = (period, max(1, (deadline or period) - overhead), deadline or period)
+            found = None if q is None else (
+                period, q, _max_deadline(wl, period, q, overhead, grid, loss))
+        full = (period, (deadline or period) - overhead - loss, deadline or period)
     else:
-        best = _search_period(wl, lo, hi, model, overhead, grid, steps)
+        best = _search_period(wl, lo, hi, model, overhead, grid, steps, loss)
         if best is None:
             found = None
         elif model == "prm":
             found = (best[0], best[1], best[0])
             exact = best[2]
         else:
-            found = (best[0], best[1], _max_deadline(wl, best[0], best[1], overhead, grid))
+            found = (best[0], best[1], _max_deadline(wl, best[0], best[1], overhead, grid, loss))
             exact = best[2]
-        full = (hi, max(1, hi - overhead), hi)
+            found, exact = _cheapest_for_host(wl, found, exact, lo, hi, overhead, grid,
+                                                  steps, loss)
+        full = (hi, hi - overhead - loss, hi)
     if found is None:
         p, q, d = full
-        verdict = wl.verdict(EDP(p, q, d))
+        if q < 1 and not loss:
+            q = 1
+        if q < 1:
+            return ServerInterface(
+                vcpu, max(1, q), p, d, names, False, overhead, model, u, {},
+                f"no server fits: a period of at most {p} ns (the shortest task deadline) "
+                f"leaves no room for a chunk of runtime + the host's enforcement overrun "
+                f"{loss} ns before its deadline; switch HRTICK_DL on (or use a kernel with a "
+                "shorter tick)", exact, loss)
+        verdict = wl.verdict(EDP(p, q, d, loss))
         return ServerInterface(vcpu, q, p, d, names, False, overhead, model, u, {},
-                               "unschedulable even with the full budget: " + verdict.reason,
-                               exact)
+                               "unschedulable even with the full budget: " + verdict.reason
+                               + (f" (the host's enforcement overrun of {loss} ns per period "
+                                  "counted; HRTICK_DL would remove it)" if loss else ""),
+                               exact, loss)
     p, q, d = found
-    verdict = wl.verdict(EDP(p, q, d))
+    verdict = wl.verdict(EDP(p, q, d, loss))
     assert verdict.schedulable, verdict.reason
     reason = verdict.reason if exact else (
         verdict.reason + "; some tests hit the work limit, so the budget is safe but may not be least")
     return ServerInterface(vcpu, q, p, d, names, True, overhead, model, u,
-                           verdict.response_times_ns, reason, exact)
+                           verdict.response_times_ns, reason, exact, loss)
+
+
+def _cheapest_for_host(wl: Workload, found: Tuple[int, int, int], exact: bool, lo: int, hi: int,
+                       overhead: int, grid: int, steps: int,
+                       loss: int) -> Tuple[Tuple[int, int, int], bool]:
+    """Among servers that meet every deadline, the one the host's density test charges least.
+
+    The least-bandwidth EDP server often has a tight deadline, and its
+    density (Θ + overhead + g)/Δ can then be near 1 (under tick enforcement
+    always).  The best Δ = Π server (the PRM search) pays g over the whole
+    period instead.  Keys: density, then bandwidth, then the larger period.
+    """
+    def key(p: int, q: int, d: int) -> Tuple[Fraction, Fraction, int]:
+        return (Fraction(q + overhead + loss, d), Fraction(q + overhead, p), -p)
+
+    best, best_exact = found, exact
+    implicit = _search_period(wl, lo, hi, "prm", overhead, grid, steps, loss)
+    if implicit is not None and key(implicit[0], implicit[1], implicit[0]) < key(*best):
+        best, best_exact = (implicit[0], implicit[1], implicit[0]), implicit[2]
+    # The PRM search ranks by bandwidth; with a loss the density g/Π term
+    # favours longer periods, so rank the coarse grid by density as well.
+    ranked: List[Tuple[Tuple[Fraction, Fraction, int], int, int]] = []
+    wl.set_work(SEARCH_WORK)
+    wl.quick = True
+    try:
+        for p in _grid(lo, hi, steps, grid, geometric=True):
+            q = _min_budget(wl, p, p, overhead, grid, None, loss)
+            if q is not None:
+                ranked.append((key(p, q, p), p, q))
+    finally:
+        wl.set_work(wl.max_work)
+        wl.quick = False
+    ranked.sort()
+    for k, p, proven in ranked[:FINALISTS]:
+        if k >= key(*best):
+            break
+        before = wl.capped
+        q = _min_budget(wl, p, p, overhead, grid, proven, loss)
+        assert q is not None and q <= proven
+        if key(p, q, p) < key(*best):
+            best, best_exact = (p, q, p), wl.capped == before
+    return best, best_exact

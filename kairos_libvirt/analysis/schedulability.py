@@ -62,7 +62,8 @@ TAIL_PERIODS = 10
 #: A necessary condition the failed server violates, monotone in the supply:
 #: ``witness(period, budget, deadline)`` is True for every schedulable server.
 #: The interface search uses it to jump over budgets that cannot work.
-Witness = Callable[[int, int, int], bool]
+#: A necessary condition on a server (period, budget, deadline[, loss]) that a failed one violated.
+Witness = Callable[..., bool]
 
 
 @dataclass(frozen=True)
@@ -131,18 +132,22 @@ class Workload:
         self.max_steps = max(100, work // max(1, len(self.dl)))
 
     # -- EDF (SCHED_DEADLINE tasks) ------------------------------------------------
-    def edf_bound(self, p: int, q: int, d: int) -> Optional[int]:
-        """Largest deadline that needs checking, or None if the DL tasks cannot fit at all."""
+    def edf_bound(self, p: int, q: int, d: int, l: int = 0) -> Optional[int]:
+        """Largest deadline that needs checking, or None if the DL tasks cannot fit at all.
+
+        With a loss l the linear supply bound is α(t − B) − l, so the bound
+        grows by Πl/(Θ − ΠU); U = α can never pass (dbf(H) = αH > sbf(H) − l).
+        """
         if not self.dl:
             return 0
         un, ud = self.dl_u.numerator, self.dl_u.denominator
         lhs, rhs = q * ud, p * un  # compares α = q/p with U
-        if lhs < rhs or (lhs == rhs and q < d):
+        if lhs < rhs or (lhs == rhs and (q < d or l > 0)):
             return None
         if lhs > rhs:
             sn, sd = self.dl_slack.numerator, self.dl_slack.denominator
             blackout = p + d - 2 * q
-            bound = ((q * blackout * sd + p * sn) * ud) // ((lhs - rhs) * sd)
+            bound = ((q * blackout * sd + p * l * sd + p * sn) * ud) // ((lhs - rhs) * sd)
         else:
             # U = α with Θ = Δ: the first W > 0 with rbf(W) <= sbf(W).
             w = sbf_inverse(sum(c for c, _, _ in self.dl), p, q, d)
@@ -154,12 +159,13 @@ class Workload:
                 w = w2
             bound = w
         # The hyperperiod H is another W: rbf(H) = UH = dbf(H).  If dbf(H) > sbf(H)
-        # the test fails there anyway, and the bound above stays valid.
-        if self.dl_h < bound and self.dl_dbf_h <= sbf(self.dl_h, p, q, d):
+        # the test fails there anyway, and the bound above stays valid.  sbf − l
+        # is superadditive too (sbf(a + b) − l >= (sbf(a) − l) + (sbf(b) − l)).
+        if self.dl_h < bound and self.dl_dbf_h <= sbf(self.dl_h, p, q, d, l):
             bound = self.dl_h
         return bound
 
-    def edf_violation(self, p: int, q: int, d: int) -> Optional[Tuple[int, int]]:
+    def edf_violation(self, p: int, q: int, d: int, l: int = 0) -> Optional[Tuple[int, int]]:
         """``None`` if the DL tasks pass, else ``(deadline, demand)`` with demand > sbf(deadline).
 
         ``(-1, -1)`` means a utilisation failure (U > α, or U = α with Θ < Δ);
@@ -171,26 +177,26 @@ class Workload:
         # Deadlines that failed for earlier servers first: dbf there does not
         # depend on the server, so each is a cheap necessary condition.
         for at, demand in self.edf_witnesses:
-            if sbf(at, p, q, d) < demand:
+            if sbf(at, p, q, d, l) < demand:
                 return (at, demand)
-        bound = self.edf_bound(p, q, d)
+        bound = self.edf_bound(p, q, d, l)
         if bound is None:
             return (-1, -1)
-        if self.dl_h <= bound and self.dl_dbf_h > sbf(self.dl_h, p, q, d):
+        if self.dl_h <= bound and self.dl_dbf_h > sbf(self.dl_h, p, q, d, l):
             return self._remember(self.dl_h, self.dl_dbf_h)
-        if (p, q, d) in self.edf_passed:
+        if (p, q, d, l) in self.edf_passed:
             return None
         tail = self.tail_for(p)
         if bound > tail:
-            if self.tail_ok(p, q, d):
+            if self.tail_ok(p, q, d, l):
                 # The linear bounds cover every deadline beyond ``tail``; only the
                 # short walk below it is left (a proof either way).
                 bound = tail
             elif self.quick:
                 return (-3, -3)
-        found = self._walk(p, q, d, bound)
+        found = self._walk(p, q, d, l, bound)
         if found is None:
-            self.edf_passed.add((p, q, d))
+            self.edf_passed.add((p, q, d, l))
         elif found == (-2, -2):
             self.capped += 1
         return found
@@ -199,16 +205,16 @@ class Workload:
         """Where the quick test switches from exact check points to the linear bounds."""
         return TAIL_PERIODS * self.dl_tmax + p
 
-    def tail_ok(self, p: int, q: int, d: int) -> bool:
-        """dbf(t) <= Ut + Σ(T−D)C/T <= (Θ/Π)(t − B) <= sbf(t) for every t >= tail_for(p)?
+    def tail_ok(self, p: int, q: int, d: int, l: int = 0) -> bool:
+        """dbf(t) <= Ut + Σ(T−D)C/T <= (Θ/Π)(t − B) − l <= sbf(t) for every t >= tail_for(p)?
 
         Both lines are straight and U < α (checked before), so checking at
         the tail point covers everything beyond it.
         """
         tail = self.tail_for(p)
-        return Fraction(q, p) * (tail - (p + d - 2 * q)) >= self.dl_u * tail + self.dl_slack
+        return Fraction(q, p) * (tail - (p + d - 2 * q)) - l >= self.dl_u * tail + self.dl_slack
 
-    def _walk(self, p: int, q: int, d: int, bound: int) -> Tuple[int, int]:
+    def _walk(self, p: int, q: int, d: int, l: int, bound: int) -> Tuple[int, int]:
         """QPA-style walk down from ``bound``: a violation, (-2, -2) out of work, or None."""
         dl_e, dmin = self.dl_e, self.dl_dmin
         off, blackout = d - q, p + d - 2 * q
@@ -236,10 +242,10 @@ class Workload:
                 y = (last - off) // p
                 rest = last - blackout - y * p
                 s = y * q + rest if rest > 0 else y * q
-            if h > s:
+            if h + l > s:
                 return self._remember(last, h)
-            k = (h - 1) // q
-            t = blackout + k * p + (h - k * q) - 1  # sbf⁻¹(h) − 1
+            k = (h + l - 1) // q
+            t = blackout + k * p + (h + l - k * q) - 1  # sbf⁻¹(h) − 1
         return None  # type: ignore[return-value]
 
     def _remember(self, at: int, demand: int) -> Tuple[int, int]:
@@ -250,11 +256,11 @@ class Workload:
         return (at, demand)
 
     # -- fixed priority (SCHED_FIFO/RR tasks) --------------------------------------
-    def fp_response(self, i: int, p: int, q: int, d: int) -> Optional[int]:
+    def fp_response(self, i: int, p: int, q: int, d: int, l: int = 0) -> Optional[int]:
         """Worst-case response time of fp task ``i`` (index into ``self.fp``), None if > D."""
         _, c_i, d_i, hp = self.fp[i]
         dl = self.dl
-        r = sbf_inverse(c_i + sum(c for c, _ in hp), p, q, d)
+        r = sbf_inverse(c_i + sum(c for c, _ in hp), p, q, d, l)
         while r <= d_i:
             demand = c_i
             for c, t in hp:
@@ -264,22 +270,23 @@ class Workload:
                 n = x // t
                 w = n * c + min(c, x - n * t)
                 demand += w if w < r else r
-            r2 = sbf_inverse(demand, p, q, d)
+            r2 = sbf_inverse(demand, p, q, d, l)
             if r2 <= r:
                 return r
             r = r2
         return None
 
     # -- both ------------------------------------------------------------------------
-    def violation(self, p: int, q: int, d: int) -> Optional[Witness]:
-        """None if schedulable on EDP(p, q, d); else a necessary condition it violates."""
+    def violation(self, p: int, q: int, d: int, l: int = 0) -> Optional[Witness]:
+        """None if schedulable on EDP(p, q, d) less l; else a necessary condition it violates."""
         un, ud = self.u.numerator, self.u.denominator
         if q * ud < p * un:
-            return lambda p2, q2, d2: q2 * ud >= p2 * un
-        bad = self.edf_violation(p, q, d)
+            return lambda p2, q2, d2, l2=0: q2 * ud >= p2 * un
+        bad = self.edf_violation(p, q, d, l)
         if bad == (-1, -1):
             dn, dd = self.dl_u.numerator, self.dl_u.denominator
-            return lambda p2, q2, d2: q2 * dd > p2 * dn or (q2 == d2 and q2 * dd >= p2 * dn)
+            return lambda p2, q2, d2, l2=0: q2 * dd > p2 * dn or (q2 == d2 and l2 == 0
+                                                                  and q2 * dd >= p2 * dn)
         if bad == (-2, -2):
             # Not proven.  The walk is about proportional to 1/(α − U) (and to the
             # blackout), so ask for twice the spare bandwidth, or for half the
@@ -288,7 +295,7 @@ class Workload:
             dn, dd = self.dl_u.numerator, self.dl_u.denominator
             spare = 2 * q * dd - p * dn  # α2 >= 2α − U  ⇔  q2·p·dd >= (2q·dd − p·dn)·p2
 
-            def stronger(p2: int, q2: int, d2: int) -> bool:
+            def stronger(p2: int, q2: int, d2: int, l2: int = 0) -> bool:
                 if p2 == p and q2 == q:
                     return d2 - q2 <= (d - q) // 2
                 return q2 * p * dd >= spare * p2 and (q2 * p > q * p2)
@@ -297,23 +304,24 @@ class Workload:
             return self.tail_ok
         if bad is not None:
             at, demand = bad
-            return lambda p2, q2, d2: sbf(at, p2, q2, d2) >= demand
+            return lambda p2, q2, d2, l2=0: sbf(at, p2, q2, d2, l2) >= demand
         for i in range(len(self.fp)):
-            if self.fp_response(i, p, q, d) is None:
-                def task_passes(p2: int, q2: int, d2: int, i: int = i) -> bool:
-                    return self.fp_response(i, p2, q2, d2) is not None
+            if self.fp_response(i, p, q, d, l) is None:
+                def task_passes(p2: int, q2: int, d2: int, l2: int = 0, i: int = i) -> bool:
+                    return self.fp_response(i, p2, q2, d2, l2) is not None
                 return task_passes
         return None
 
     def verdict(self, supply: EDP) -> Verdict:
         """A readable verdict for one server."""
-        p, q, d = supply.period_ns, supply.budget_ns, supply.deadline_ns
+        p, q, d, l = supply.triple
         if self.u > supply.bandwidth:
             return Verdict(False, f"utilisation {self.u} exceeds the server bandwidth {supply.bandwidth}")
-        bad = self.edf_violation(p, q, d)
+        bad = self.edf_violation(p, q, d, l)
         if bad == (-1, -1):
             return Verdict(False, f"SCHED_DEADLINE utilisation {self.dl_u} equals the bandwidth "
-                                  f"{supply.bandwidth} but the budget is below the deadline")
+                                  f"{supply.bandwidth} but the budget is below the deadline "
+                                  "(or the host's enforcement overrun takes some back)")
         if bad == (-2, -2):
             return Verdict(False, f"EDF test not proven within {self.max_steps} check points "
                                   "(bandwidth too close to the utilisation); counted as failing")
@@ -322,7 +330,7 @@ class Workload:
                                   f"in a window of {bad[0]} ns", failed_at_ns=bad[0])
         times: Dict[str, int] = {}
         for i, (name, _, d_i, _) in enumerate(self.fp):
-            r = self.fp_response(i, p, q, d)
+            r = self.fp_response(i, p, q, d, l)
             if r is None:
                 return Verdict(False, f"fixed-priority task {name!r} misses its deadline {d_i} ns",
                                failed_task=name, response_times_ns=times)
@@ -341,13 +349,12 @@ def edf_schedulable(tasks: Sequence[Task], supply: EDP) -> bool:
     Every task is treated as an EDF (SCHED_DEADLINE) task.
     """
     return Workload([replace(t, scheduler="edf") for t in tasks]).edf_violation(
-        supply.period_ns, supply.budget_ns, supply.deadline_ns) is None
+        *supply.triple) is None
 
 
 def check_bound(tasks: Sequence[Task], supply: EDP) -> Optional[int]:
     """The last deadline the EDF test looks at; None when the tasks cannot fit (U > α, or U = α with Θ < Δ)."""
-    return Workload([replace(t, scheduler="edf") for t in tasks]).edf_bound(
-        supply.period_ns, supply.budget_ns, supply.deadline_ns)
+    return Workload([replace(t, scheduler="edf") for t in tasks]).edf_bound(*supply.triple)
 
 
 def fp_response_times(tasks: Sequence[Task], supply: EDP) -> Dict[str, Optional[int]]:
@@ -357,5 +364,4 @@ def fp_response_times(tasks: Sequence[Task], supply: EDP) -> Dict[str, Optional[
     deadline-monotonic (see :func:`.model.with_priorities`).
     """
     wl = Workload([replace(t, scheduler="fp") for t in tasks])
-    p, q, d = supply.period_ns, supply.budget_ns, supply.deadline_ns
-    return {name: wl.fp_response(i, p, q, d) for i, (name, _, _, _) in enumerate(wl.fp)}
+    return {name: wl.fp_response(i, *supply.triple) for i, (name, _, _, _) in enumerate(wl.fp)}

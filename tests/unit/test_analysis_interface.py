@@ -119,8 +119,13 @@ def test_period_search_stays_in_bounds_and_is_least_for_its_period():
         assert 200 * US <= s.period_ns <= 2 * MS and s.schedulable and s.exact
         assert s.runtime_ns == s.budget_ns + 20 * US and s.runtime_ns <= s.deadline_ns
         assert s.bandwidth == Fraction(s.runtime_ns, s.period_ns)
-        d = s.deadline_ns if model == "prm" else s.budget_ns + 20 * US
-        assert not schedulable(tasks, EDP(s.period_ns, s.budget_ns - US, d - (model == "edp") * US)).schedulable
+        if s.deadline_ns == s.period_ns:
+            # Δ = Π (prm, or the host-cheapest EDP): least for that deadline.
+            assert not schedulable(tasks, EDP(s.period_ns, s.budget_ns - US, s.period_ns)).schedulable
+        else:
+            # a loosened EDP deadline: least even with the tightest deadline Δ = Θ + overhead
+            d = s.budget_ns + 20 * US
+            assert not schedulable(tasks, EDP(s.period_ns, s.budget_ns - US, d - US)).schedulable
 
 
 def test_overhead_pushes_the_period_up():
@@ -229,3 +234,50 @@ def test_duplicate_names_and_bad_pins_are_refused():
         interface_for([T("a", MS, 10 * MS, vcpu=3)], vcpus=2)
     with pytest.raises(AnalysisError, match="at least one vCPU"):
         partition([], 0)
+
+
+# -- the host's enforcement granularity (tick overrun) ----------------------------------------
+
+from kairos_libvirt.analysis.admission import Reservation, check_admission  # noqa: E402
+from kairos_libvirt.analysis.enforcement import Enforcement  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 8), st.sampled_from([20, 25, 40, 50, 100])),
+                min_size=1, max_size=3),
+       st.sampled_from([0, 50 * US, 1 * MS, 4 * MS]))
+def test_servers_leave_room_for_the_overrun_and_meet_deadlines_on_sbf_minus_it(pairs, g):
+    tasks = [T(f"t{i}", c * 100 * US, p * MS) for i, (c, p) in enumerate(pairs)]
+    s = interface_for(tasks, vcpus=1, overhead_ns=20 * US, enforcement_ns=g).servers[0]
+    assert s.enforcement_ns == g
+    if not s.schedulable:
+        return
+    assert s.runtime_ns + g <= s.deadline_ns <= s.period_ns <= min(t.deadline_ns for t in tasks)
+    assert schedulable(tasks, EDP(s.period_ns, s.budget_ns, s.deadline_ns, g)).schedulable
+    assert s.supply == EDP(s.period_ns, s.budget_ns, s.deadline_ns, g)
+    # The host admits what the guest analysis granted, alone on this 2-CPU host.
+    r = check_admission([Reservation("v", s.runtime_ns, s.period_ns, s.deadline_ns)], cpus=[0, 1],
+                        enforcement=Enforcement(g), fair_server=True)
+    assert r.admitted, r.message
+
+
+def test_a_task_due_within_a_tick_has_no_server_and_the_reason_names_the_fix():
+    s = interface_for([T("cyclictest", 200 * US, 4 * MS)], vcpus=1, overhead_ns=20 * US,
+                      enforcement_ns=4 * MS).servers[0]
+    assert not s.schedulable
+    assert "enforcement overrun 4000000 ns" in s.reason and "HRTICK_DL" in s.reason
+
+
+def test_the_search_prefers_the_server_the_host_charges_least():
+    tasks = [T("a", 1 * MS, 20 * MS), T("b", 2 * MS, 50 * MS)]
+    host = interface_for(tasks, vcpus=1, overhead_ns=20 * US, enforcement_ns=4 * MS).servers[0]
+    # Least bandwidth at a fixed period with the tightest deadline costs the host more.
+    tight = interface_for(tasks, vcpus=1, overhead_ns=20 * US, enforcement_ns=4 * MS,
+                          period_ns=host.period_ns).servers[0]
+    assert host.schedulable and tight.schedulable
+    assert host.host_density <= tight.host_density
+
+
+def test_negative_enforcement_is_refused():
+    with pytest.raises(AnalysisError, match="enforcement_ns -1 is not allowed"):
+        interface_for([T("a", 1 * MS, 20 * MS)], vcpus=1, enforcement_ns=-1)

@@ -1,6 +1,7 @@
 """Demand functions and the exact EDF / fixed-priority tests, on textbook task sets."""
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 
 from kairos_libvirt.analysis import (EDP, Task, check_bound, dbf, dedicated, edf_schedulable,
                                      fp_response_times, last_deadline, prm, rbf, schedulable,
-                                     utilisation, workload)
+                                     sbf, utilisation, workload)
 from kairos_libvirt.analysis.schedulability import Workload
 from kairos_libvirt.errors import AnalysisError
 
@@ -173,3 +174,35 @@ def test_work_limit_gives_a_safe_not_proven_verdict(monkeypatch):
     assert wl.capped == 1
     w = wl.violation(100, 50, 100)
     assert w is not None and w(100, 51, 100) and not w(100, 50, 100)
+
+
+# -- the host's enforcement loss: supply sbf(t) − g ------------------------------------
+
+def _brute_edf(tasks, p, q, d, loss, horizon):
+    """dbf(t) <= max(0, sbf(t) − loss) at every deadline up to ``horizon`` (no cleverness)."""
+    from kairos_libvirt.analysis import dbf
+    deadlines = sorted({k * t.period_ns + t.deadline_ns for t in tasks
+                        for k in range(horizon // t.period_ns + 1)
+                        if k * t.period_ns + t.deadline_ns <= horizon})
+    return all(dbf(tasks, x) <= sbf(x, p, q, d, loss) for x in deadlines)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(5, 30)), min_size=1, max_size=3),
+       st.integers(4, 20), st.integers(0, 6))
+def test_edf_with_a_loss_matches_a_brute_force_walk(pairs, period, loss):
+    tasks = [T(f"t{i}", c, t) for i, (c, t) in enumerate(pairs)]
+    for q in range(1, period + 1):
+        supply = EDP(period, q, period, loss)
+        got = edf_schedulable(tasks, supply)
+        bound = check_bound(tasks, supply)
+        horizon = 4 * math.lcm(period, *(t.period_ns for t in tasks)) + 200
+        want = bound is not None and _brute_edf(tasks, period, q, period, loss, max(horizon, bound))
+        assert got == want, (pairs, period, q, loss)
+
+
+def test_a_loss_delays_fp_response_by_exactly_the_supply_it_takes_back():
+    # A dedicated-like server (Θ = Δ = Π) less a 3-unit loss: the first 3 units never come.
+    ts = [T("a", 2, 100, 100, prio=10, sched="fp")]
+    assert fp_response_times(ts, EDP(10, 10, 10))["a"] == 2
+    assert fp_response_times(ts, EDP(10, 10, 10, 3))["a"] == 5
