@@ -115,6 +115,12 @@ class StopBudget:
     def stopped(self) -> bool:
         return self._open is not None
 
+    def stopped_for(self, now: Optional[int] = None) -> int:
+        """How long the open stop has lasted (0: the VM runs)."""
+        if self._open is None:
+            return 0
+        return (self.clock() if now is None else now) - self._open[0]
+
     def end(self, now: Optional[int] = None) -> int:
         """The VM runs again; returns the stop's length (0 if no stop was open)."""
         if self._open is None:

@@ -7,9 +7,18 @@ read the registers, decode (guest memory through the stopped vCPU's page
 tables), then resume at site + 5 so the fentry NOP is skipped without a
 single-step: one VM stop per hit instead of two (DESIGN.md §2).
 
-Every hit stops the whole VM for milliseconds under TCG, so hits are a
-budget: a token bucket per site disarms a site that fires too often for a
+Every hit stops the whole VM for milliseconds under TCG, so stops are a
+budget (:mod:`.budget`): every stop (the attach, each hit, each interrupt to
+arm or disarm) is accounted, and when one more stop would overrun the
+domain's share of any 1 s window, the armed sites come off before the VM
+resumes and go back on once the budget returned; the guest never waits.  A
+token bucket per site also disarms a site that fires too often for a
 cool-down, and the runtime disarms ``clock_nanosleep`` once periods are learnt.
+
+Guest memory for the attach (the kernel's place, its slide, the trap sites'
+bytes, the task layout) is read from QEMU's process (``guest_memory``,
+:mod:`..host.guestmem`) while the VM runs, so the gdbstub is opened once, when
+the kernel is up, only to plant the breakpoints.
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Set
 
 from ..errors import KairosError
+from .budget import StopBudget
 from .control import ControlQueue
 from .plan import Hit, ResolvedPlan
 from .rsp.client import RspClient
@@ -73,7 +83,8 @@ class GdbstubBackend:
     #: time the guest stands stopped for us to about 20 %.
     def __init__(self, open_server: Callable[[str], None], close_server: Callable[[], None],
                  sock_dir: str, rate: float = 50.0, burst: float = 50.0,
-                 cooldown_s: float = 2.0) -> None:
+                 cooldown_s: float = 2.0, budget: Optional[StopBudget] = None,
+                 guest_memory: Optional[Callable[[], object]] = None) -> None:
         self._open_server, self._close_server = open_server, close_server
         self.sock_dir = sock_dir
         self.client: Optional[RspClient] = None
@@ -84,6 +95,22 @@ class GdbstubBackend:
         self.cooling: Dict[int, float] = {}
         self.control = ControlQueue()
         self.counters = Counters()
+        self.budget = budget or StopBudget()
+        #: Sites the budget took off, armed again when it returns.
+        self.budget_off: Set[int] = set()
+        self._guest_memory = guest_memory
+        self._phys = None
+
+    def guest_memory(self):
+        """Guest-physical memory read from QEMU's process (no stop), or None where the host cannot.
+
+        Opened once; a failure (no RAM mapping of the domain's size) is
+        raised once as a KairosError, and later calls answer None.
+        """
+        if self._phys is None and self._guest_memory is not None:
+            opener, self._guest_memory = self._guest_memory, None
+            self._phys = opener()
+        return self._phys
 
     # -- connection ------------------------------------------------------
     def open(self) -> RspClient:
@@ -100,8 +127,23 @@ class GdbstubBackend:
                 raise KairosError(f"QEMU did not create its gdbstub socket {path}")
             time.sleep(0.01)
         os.chmod(path, 0o600)
-        self.client = RspClient.connect_unix(path, timeout=5.0)
+        # QEMU stops the VM when a debugger connects: the attach stop starts here.
+        self.budget.begin("attach")
+        try:
+            self.client = RspClient.connect_unix(path, timeout=5.0)
+        except BaseException:
+            self.budget.end()
+            raise
         return self.client
+
+    def attach_elapsed_ns(self) -> int:
+        """How long the VM has stood stopped for this attach so far."""
+        return self.budget.stopped_for()
+
+    def _resume(self, c: RspClient) -> None:
+        """Let the VM run again (and close the stop in the account)."""
+        c.cont()
+        self.budget.end()
 
     def read(self, addr: int, n: int) -> bytes:
         """Guest-virtual read through the stopped vCPU's page tables."""
@@ -114,6 +156,7 @@ class GdbstubBackend:
         if c is not None:
             try:
                 if c.state.name == "RUNNING":
+                    self.budget.begin("control")
                     c.interrupt(timeout=2.0)
                 for addr in list(self.armed):
                     c.remove_breakpoint(addr)
@@ -123,6 +166,9 @@ class GdbstubBackend:
                 log.warning("gdbstub: detach: %s", exc)
             finally:
                 c.close()
+                self.budget.end()   # detached (or the connection is gone): the VM runs
+                self.budget.stop_wait()
+        self.budget_off.clear()
         try:
             self._close_server()
         except KairosError as exc:
@@ -134,7 +180,11 @@ class GdbstubBackend:
 
     # -- arming (VM stopped) ---------------------------------------------
     def arm(self, addr: int) -> None:
+        """Plant the breakpoint; while the budget is spent, the site waits for it instead."""
         assert self.client is not None
+        if self.budget.waiting:
+            self.budget_off.add(addr)
+            return
         if addr not in self.armed:
             self.client.insert_breakpoint(addr)
             self.armed.add(addr)
@@ -143,6 +193,7 @@ class GdbstubBackend:
         """Remove the breakpoint; a site cooling off after its rate limit stays off too."""
         assert self.client is not None
         self.cooling.pop(addr, None)
+        self.budget_off.discard(addr)
         if addr in self.armed:
             self.client.remove_breakpoint(addr)
             self.armed.discard(addr)
@@ -157,36 +208,64 @@ class GdbstubBackend:
         """Resume the VM and serve hits until ``stop`` is set (VM left stopped)."""
         c = self.client
         assert c is not None
-        c.cont()
+        self._keep_budget()
+        self._resume(c)          # ends the attach stop
         while not stop.is_set():
             try:
                 reply = c.wait_stop(timeout=0.2)
             except RspTimeout:
                 self._idle(c)
                 continue
+            t0 = self.budget.begin("trap")
             if not reply.stopped:
                 raise KairosError(f"QEMU's gdbstub reports the VM {reply.kind}")
-            t0 = time.monotonic_ns()
             self._handle(c, reply, on_hit)
             self.control.run_pending()
+            self._keep_budget()
             self.counters.handler_ns += time.monotonic_ns() - t0
             if not stop.is_set():
-                c.cont()
+                self._resume(c)
         if c.state.name == "RUNNING":
+            self.budget.begin("control")
             c.interrupt(timeout=2.0)
 
+    def _keep_budget(self) -> None:
+        """VM stopped, about to resume: if one more stop would overrun the budget, take the sites off."""
+        if self.armed and not self.budget.can_stop():
+            self.budget.start_wait()
+            for a in list(self.armed):
+                self.client.remove_breakpoint(a)     # type: ignore[union-attr]
+                self.armed.discard(a)
+                self.budget_off.add(a)
+            log.debug("stop budget spent: %d site(s) wait", len(self.budget_off))
+
     def _idle(self, c: RspClient) -> None:
+        """VM running, no hit: stop it only for due work, and only within the budget.
+
+        Interrupting costs a stop; re-arming the sites the budget took off
+        needs room for that stop and one hit after it.
+        """
         now = time.monotonic()
         due = [a for a, t in self.cooling.items() if t <= now]
-        if self.control.empty() and not due:
+        rearm = bool(self.budget_off) and self.budget.can_stop(n=2)
+        if not rearm and ((self.control.empty() and not due) or not self.budget.can_stop()):
             return
+        self.budget.begin("control")
         c.interrupt(timeout=2.0)
+        if rearm:
+            self.budget.stop_wait()
+            for a in sorted(self.budget_off):
+                if a in self.plan.sites and a not in self.cooling:
+                    self.client.insert_breakpoint(a)       # type: ignore[union-attr]
+                    self.armed.add(a)
+            self.budget_off.clear()
         for a in due:
             del self.cooling[a]
             if a in self.plan.sites:
                 self.arm(a)
         self.control.run_pending()
-        c.cont()
+        self._keep_budget()
+        self._resume(c)
 
     def _handle(self, c: RspClient, reply, on_hit) -> None:
         regs = c.read_registers()
@@ -198,7 +277,8 @@ class GdbstubBackend:
         self.counters.hits += 1
         self.counters.per_kind[kind] = self.counters.per_kind.get(kind, 0) + 1
         try:
-            on_hit(Hit(kind, vcpu, regs, time.monotonic_ns()), self.read)
+            on_hit(Hit(kind, vcpu, regs, time.monotonic_ns(), stopped_ns=self.budget.total_ns),
+                   self.read)
         finally:
             # Skip the 5-byte fentry NOP: resume after it, no single-step.
             c.set_register("rip", rip + 5)

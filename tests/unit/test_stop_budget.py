@@ -109,3 +109,70 @@ def test_waiting_time_is_accounted():
 def test_the_spec_refuses_a_stop_longer_than_the_share():
     with pytest.raises(AssertionError):
         BudgetSpec(share=Fraction(1, 100), max_stop_ns=20 * MS)
+
+
+# -- the gdbstub backend keeps the budget (fake RSP client, fake clock) ----------
+
+from tests.unit.test_introspect_runtime import FakeClient, make_backend  # noqa: E402
+
+
+class TimedClient(FakeClient):
+    """Each hit arrives ``gap`` after the last resume and takes ``cost`` to handle."""
+
+    def __init__(self, rips, clock, gap=1 * MS, cost=4 * MS):
+        super().__init__(rips)
+        self.clock, self.gap, self.cost = clock, gap, cost
+
+    def wait_stop(self, timeout=None):
+        if self.rips and self.rip is not None and self.rip not in self.breakpoints \
+                and self.rips[0] not in self.breakpoints:
+            self.rips.clear()            # the site is off: the guest runs past it
+        if self.rips:
+            self.clock.t += self.gap
+        return super().wait_stop(timeout)
+
+    def set_register(self, name, value):
+        self.clock.t += self.cost
+        super().set_register(name, value)
+
+
+def test_backend_takes_the_sites_off_when_the_budget_is_spent(tmp_path):
+    import threading
+    clock = Clock()
+    b = StopBudget(BudgetSpec(share=Fraction(5, 100), max_stop_ns=10 * MS), clock=clock)
+    c = TimedClient([0x1000] * 200, clock)
+    be = make_backend(c, tmp_path, budget=b, rate=1e9, burst=1e9)
+    be.arm(0x1000)
+    stop = threading.Event()
+    hits = []
+
+    def on_hit(h, read):
+        hits.append(h.stopped_ns)
+        if len(hits) == 1:
+            threading.Timer(0.3, stop.set).start()
+    be.run(on_hit, stop)
+    # 50 ms a window at 4 ms a hit: about ten hits, then the site waits, the guest does not
+    assert 5 <= len(hits) < 20
+    assert b.peak_window_ns <= b.spec.window_budget_ns
+    assert b.waits == 1 and 0x1000 in be.budget_off and 0x1000 not in c.breakpoints
+    # each hit says how long the VM had been stopped before it (monotonic, from the account)
+    assert hits == sorted(hits) and hits[0] == 0 and hits[-1] > 0
+
+
+def test_backend_refuses_to_rearm_while_over_budget_then_rearms(tmp_path):
+    clock = Clock()
+    b = StopBudget(BudgetSpec(share=Fraction(1, 100), max_stop_ns=4 * MS), clock=clock)
+    c = FakeClient([])
+    be = make_backend(c, tmp_path, budget=b)
+    b.record(clock.t - 8 * MS, clock.t)          # 8 of 10 ms spent just now
+    b.start_wait()
+    be.budget_off.add(0x1000)
+    be.arm(0x1000)                               # a request to arm while waiting: deferred
+    c.state.name = "RUNNING"
+    be._idle(c)
+    assert c.interrupts == 0 and 0x1000 not in c.breakpoints
+    clock.t += S                                 # the window is empty again
+    be._idle(c)
+    assert c.interrupts == 1 and 0x1000 in c.breakpoints and not be.budget_off
+    assert not b.waiting and b.wait_ns == S
+    assert b.stops == 2                          # the interrupt was a stop, accounted
