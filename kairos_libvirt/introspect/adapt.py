@@ -4,21 +4,35 @@ The admin's declaration is the floor and the ceiling the cap.  While the
 guest has known real-time tasks, each vCPU's declared reservation is itself
 analysed as a server (SCHED_DEADLINE: EDP; RT group budget: PRM): if it
 meets every deadline of the tasks on that vCPU, it stays.  Otherwise the
-vCPU gets the analysed server (the smallest one the hierarchical analysis
-finds; EDP: the deadline may be shorter than the period, which
-SCHED_DEADLINE expresses directly), its runtime raised to at least the
-declared bandwidth (the guest's own kernel and non-RT work live in it).
-Bandwidth alone decides nothing: 1.5 ms every 10 ms can leave a vCPU 17 ms
-without supply.  When the tasks are gone the declaration is back.  A demand
-above the ceiling is capped and reported, never granted.
+analysed server (the smallest one the hierarchical analysis finds; EDP: the
+deadline may be shorter than the period, which SCHED_DEADLINE expresses
+directly), its runtime raised to at least the declared bandwidth (the
+guest's own kernel and non-RT work live in it), is a *candidate*.  Bandwidth
+alone decides nothing: 1.5 ms every 10 ms can leave a vCPU 17 ms without
+supply.  When the tasks are gone the declaration is back.  A demand above
+the ceiling is capped and reported, never granted.
+
+Never worse than declared (issue 11):
+
+* The candidate replaces the declaration only if it is at least as good for
+  every known guest task: every task whose deadlines the declared server
+  guarantees keeps that guarantee; and it must gain something (a task's
+  guarantee, or more CPU for tasks neither guarantees: a capped demand).  Both servers
+  are analysed with the same supply model, :func:`server_supply` (the one
+  place that says what a server gives the guest).
+* Its period never exceeds the shortest deadline of the tasks on that vCPU.
+* :func:`adapt` is a function of the task model's analysis input only: the
+  same task set gives the same servers (the runtime re-runs it only when the
+  model's ``version`` moves), so a server changes only with the task set.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence
 
 from .. import analysis
+from ..analysis.schedulability import Workload
 from ..errors import AnalysisError
 from ..model import VcpuSched
 from .tasks import TaskModel
@@ -42,9 +56,14 @@ class Adapted:
 
 
 def adapt(model: TaskModel, declared: Mapping[int, VcpuSched],
-          ceilings: Mapping[int, Fraction], overhead_ns: int = DEFAULT_OVERHEAD_NS
-          ) -> Dict[int, Adapted]:
-    """Per declared vCPU: the reservation to enforce now."""
+          ceilings: Mapping[int, Fraction], overhead_ns: int = DEFAULT_OVERHEAD_NS,
+          enforcement_ns: int = 0) -> Dict[int, Adapted]:
+    """Per declared vCPU: the reservation to enforce now.
+
+    ``enforcement_ns`` is the host's enforcement granularity (one tick
+    without HRTICK_DL, :mod:`kairos_libvirt.analysis.enforcement`); 0 is the
+    plain EDP model.
+    """
     vids = sorted(declared)
     out = {v: Adapted(v, declared[v], "declared") for v in vids}
     tasks: List[analysis.Task] = []
@@ -64,75 +83,129 @@ def adapt(model: TaskModel, declared: Mapping[int, VcpuSched],
     if not tasks or not vids:
         return out
     by_name = {t.name: t for t in tasks}
+    extra = {"enforcement_ns": enforcement_ns} if enforcement_ns else {}
+    # A SCHED_DEADLINE vCPU is sized as an EDP (its deadline may be below the
+    # period); an RT-group vCPU can only be given a budget per period: a PRM.
+    models = {v: "edp" if declared[v].policy == "deadline" else "prm" for v in vids}
+    ifaces = {}
     try:
-        iface = analysis.interface_for(tasks, vcpus=len(vids), model="edp",
-                                       overhead_ns=overhead_ns, granularity_ns=GRANULARITY_NS)
+        for m in sorted(set(models.values())):
+            ifaces[m] = analysis.interface_for(tasks, vcpus=len(vids), model=m,
+                                               overhead_ns=overhead_ns,
+                                               granularity_ns=GRANULARITY_NS, **extra)
     except AnalysisError as exc:
         return {v: Adapted(v, declared[v], "declared", note=f"analysis refused: {exc}")
                 for v in vids}
-    for server in iface.servers:
-        vid = vids[server.vcpu]
+    for i, vid in enumerate(vids):
+        server = ifaces[models[vid]].servers[i]
         if server.budget_ns == 0:
             continue
         base = declared[vid]
-        runtime, period = server.runtime_ns, server.period_ns
-        deadline = server.deadline_ns
-        ceiling = ceilings[vid]
-        capped, note = False, ""
-        if not server.schedulable:
-            capped, note = True, f"guest tasks not schedulable even on a full vCPU: {server.reason}"
-        if Fraction(runtime, period) > ceiling:
-            capped = True
-            note = note or (f"demand {float(Fraction(runtime, period)):.3f} CPU capped at the "
-                            f"ceiling {float(ceiling):.3f}")
-            runtime = int(ceiling * period) // GRANULARITY_NS * GRANULARITY_NS
-            deadline = max(deadline, runtime)
-        if not capped and _declared_suffices(base, [by_name[n] for n in server.tasks],
-                                             overhead_ns):
+        mine = [by_name[n] for n in server.tasks]
+        names = tuple(server.tasks)
+        base_guarantees = guarantees(mine, server_supply(base, overhead_ns, enforcement_ns))
+        if base_guarantees == frozenset(names):
             out[vid] = Adapted(vid, base, "declared", server.budget_ns, server.period_ns,
                                server.deadline_ns, False, "the declared reservation "
-                               "meets every guest deadline", tuple(server.tasks))
+                               "meets every guest deadline", names)
             continue
-        # The analysed server, with at least the declared bandwidth: the floor
-        # keeps the share the admin gave the guest's kernel and non-RT work.
-        exact = Fraction(base.bandwidth) * period
-        floor = -(-exact // GRANULARITY_NS) * GRANULARITY_NS
-        if Fraction(floor, period) > ceiling:
-            floor = int(exact // GRANULARITY_NS) * GRANULARITY_NS
-        runtime = min(max(runtime, floor), period)
-        runtime = max(runtime, 1024)
-        if runtime > deadline:
-            deadline = runtime
-        if base.policy == "deadline":
-            sched = VcpuSched("deadline", runtime, period, deadline_ns=deadline)
-        else:
-            # RT-group vCPU: the budget per period bounds it; priority stays the admin's.
-            sched = VcpuSched(base.policy, -(-runtime // 1000) * 1000, period,
-                              priority=base.priority)
+        sched, capped, note = _candidate(server, base, ceilings[vid])
+        shortest = min(t.deadline_ns for t in mine)
+        if sched.period_ns > shortest:
+            out[vid] = Adapted(vid, base, "declared", server.budget_ns, server.period_ns,
+                               server.deadline_ns, capped,
+                               f"analysed period {sched.period_ns} ns is above the shortest "
+                               f"guest deadline {shortest} ns: the declaration stays", names)
+            continue
+        kept = guarantees(mine, server_supply(sched, overhead_ns, enforcement_ns))
+        lost = sorted(base_guarantees - kept)
+        gains = kept > base_guarantees or (
+            kept == base_guarantees and Fraction(sched.runtime_ns, sched.period_ns) > base.bandwidth)
+        if lost or not gains:
+            why = (f"it would no longer guarantee {', '.join(lost)}" if lost
+                   else "it guarantees no task more than the declaration, with no more CPU")
+            out[vid] = Adapted(vid, base, "declared", server.budget_ns, server.period_ns,
+                               server.deadline_ns, capped,
+                               (note + "; " if note else "") +
+                               f"the analysed server is not better: {why}", names)
+            continue
         out[vid] = Adapted(vid, sched, "introspection", server.budget_ns, server.period_ns,
-                           server.deadline_ns, capped, note, tuple(server.tasks))
+                           server.deadline_ns, capped, note, names)
     return out
 
 
-def _declared_suffices(base: VcpuSched, tasks: List[analysis.Task], overhead_ns: int) -> bool:
-    """Does the declared reservation itself meet every deadline of ``tasks``?
-
-    Bandwidth alone does not tell: 1.5 ms every 10 ms can leave a vCPU
-    without supply for 17 ms, too long for a task due every 5 ms.  The
-    declared server is analysed as what it is: SCHED_DEADLINE's (runtime,
-    deadline, period) is an EDP; an RT-group budget per period (cgroup
-    cpu.rt_runtime_us) is a periodic resource (PRM).  The switching overhead
-    is not available to the guest.
-    """
-    budget = base.runtime_ns - overhead_ns
-    if budget <= 0 or not tasks:
-        return not tasks
+def _candidate(server: analysis.ServerInterface, base: VcpuSched, ceiling: Fraction):
+    """The analysed server as a reservation: at least the declared bandwidth, at most the ceiling."""
+    runtime, period = server.runtime_ns, server.period_ns
+    deadline = server.deadline_ns
+    capped, note = False, ""
+    if not server.schedulable:
+        capped, note = True, f"guest tasks not schedulable even on a full vCPU: {server.reason}"
+    if Fraction(runtime, period) > ceiling:
+        capped = True
+        note = note or (f"demand {float(Fraction(runtime, period)):.3f} CPU capped at the "
+                        f"ceiling {float(ceiling):.3f}")
+        runtime = int(ceiling * period) // GRANULARITY_NS * GRANULARITY_NS
+        deadline = max(deadline, runtime)
+    # The floor keeps the share the admin gave the guest's kernel and non-RT work.
+    exact = Fraction(base.bandwidth) * period
+    floor = -(-exact // GRANULARITY_NS) * GRANULARITY_NS
+    if Fraction(floor, period) > ceiling:
+        floor = int(exact // GRANULARITY_NS) * GRANULARITY_NS
+    runtime = min(max(runtime, floor), period)
+    runtime = max(runtime, 1024)
+    if runtime > deadline:
+        deadline = runtime
     if base.policy == "deadline":
-        deadline = base.deadline_ns or base.period_ns
-        supply = analysis.EDP(base.period_ns, min(budget, deadline), deadline)
-    else:
-        supply = analysis.prm(base.period_ns, budget)
+        return VcpuSched("deadline", runtime, period, deadline_ns=deadline), capped, note
+    # RT-group vCPU: the budget per period bounds it; priority stays the admin's.
+    return (VcpuSched(base.policy, min(-(-runtime // 1000) * 1000, period), period,
+                      priority=base.priority), capped, note)
+
+
+def server_supply(sched: VcpuSched, overhead_ns: int,
+                  enforcement_ns: int = 0) -> Optional[analysis.EDP]:
+    """What this reservation guarantees the guest: the one supply model of adaptation.
+
+    The declared and the analysed server are both judged through it.
+    SCHED_DEADLINE's (runtime, deadline, period) is an EDP; an RT-group
+    budget per period (cgroup cpu.rt_runtime_us) is a periodic resource
+    (PRM).  The switching overhead is not available to the guest, and a
+    host that enforces at its tick overruns by up to ``enforcement_ns``
+    (the supply is sbf less that: :mod:`kairos_libvirt.analysis.enforcement`).
+    None: the server guarantees nothing.
+    """
+    budget = sched.runtime_ns - overhead_ns
+    if budget <= 0:
+        return None
+    extra = {"loss_ns": enforcement_ns} if enforcement_ns else {}
     try:
-        return analysis.schedulable(tasks, supply).schedulable
+        if sched.policy == "deadline":
+            deadline = sched.deadline_ns or sched.period_ns
+            return analysis.EDP(sched.period_ns, min(budget, deadline), deadline, **extra)
+        return analysis.EDP(sched.period_ns, budget, sched.period_ns, **extra)
+    except (AnalysisError, TypeError):
+        return None
+
+
+def guarantees(tasks: Sequence[analysis.Task], supply: Optional[analysis.EDP]) -> FrozenSet[str]:
+    """The tasks whose every deadline ``supply`` guarantees.
+
+    SCHED_DEADLINE tasks share one EDF test (all or none); each FIFO/RR task
+    has its own worst-case response time (DL tasks above it, as in Linux).
+    """
+    if supply is None or not tasks:
+        return frozenset()
+    try:
+        wl = Workload(list(tasks))
+        p, q, d = supply.period_ns, supply.budget_ns, supply.deadline_ns
+        extra = (getattr(supply, "loss_ns", 0),) if getattr(supply, "loss_ns", 0) else ()
+        ok = set()
+        if wl.dl and wl.edf_violation(p, q, d, *extra) is None:
+            ok.update(t.name for t in wl.tasks if t.scheduler == "edf")
+        for i, (name, *_rest) in enumerate(wl.fp):
+            if wl.fp_response(i, p, q, d, *extra) is not None:
+                ok.add(name)
+        return frozenset(ok)
     except AnalysisError:
-        return False
+        return frozenset()

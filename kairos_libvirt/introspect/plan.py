@@ -9,7 +9,7 @@ resumes at site + 5 without executing anything of the guest's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from . import decode
@@ -62,6 +62,9 @@ class Hit:
     time_ns: int                 # host CLOCK_MONOTONIC at the trap
     tid: Optional[int] = None    # calling guest task, when the backend can tell
     comm: Optional[str] = None
+    #: Cumulative time introspection stopped the VM before this hit (None:
+    #: unknown).  The task model tells from it whether a gap spans a stop.
+    stopped_ns: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class GuestEvent:
     target_pid: int = 0          # sched_*: 0 = the caller itself
     sched: Optional[SchedRequest] = None
     sleep: Optional[SleepRequest] = None
+    stopped_ns: Optional[int] = None  # from the Hit
 
 
 def task_key_from_rsp(rsp: int) -> str:
@@ -87,6 +91,11 @@ def task_key_from_rsp(rsp: int) -> str:
 
 def decode_hit(hit: Hit, read: Reader) -> GuestEvent:
     """Turn a hit into an event; every guest value is hostile (DecodeError)."""
+    ev = _decode(hit, read)
+    return replace(ev, stopped_ns=hit.stopped_ns) if hit.stopped_ns is not None else ev
+
+
+def _decode(hit: Hit, read: Reader) -> GuestEvent:
     regs = hit.regs
     if hit.kind == "exit":
         return GuestEvent("exit", task_key_from_rsp(regs["rsp"]), hit.vcpu, hit.time_ns,
