@@ -1,9 +1,16 @@
 """The agent's introspection: attach a backend, learn the guest's RT tasks, adapt.
 
-Runs in a thread of the agent.  Order at attach (VM paused by the gdbstub):
-symbols (from the domain's vmlinuz, else from guest memory; cached per
-build) → KASLR slide from guest memory → trap plan (each site's fentry NOP
-verified) → task_struct layout (for TID/comm; optional) → arm → run.
+Runs in a thread of the agent.  Where the backend can read guest-physical
+memory from QEMU's process (gdbstub on this host), the attach stops the VM
+once: symbols (the domain's vmlinuz) → wait, reading physical memory with
+the VM running, until the kernel is placed and booted (its slide from
+``phys_base``, :func:`.symbols.place_kernel`) → trap plan (each site's
+fentry NOP verified) and task_struct layout, still with no stop → open the
+backend (the one stop) → check the slide with one read → arm → run.
+Otherwise (kvm-ud, or a guest whose symbols must come from its memory)
+the older order runs inside the attach: symbols → KASLR slide from guest
+memory → plan → layout → arm, retried with a growing interval while the
+guest boots, each try within the stop budget's attach allowance.
 Any failure before running is reported in the live metadata and the log,
 the backend is detached, and the domain keeps its declared reservation.
 """
@@ -12,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Callable, Dict, List, Mapping, Optional
 
@@ -21,7 +28,7 @@ from ..model import VcpuSched
 from . import adapt as _adapt
 from .decode import DecodeError
 from .plan import Hit, ResolvedPlan, decode_hit, resolve_plan
-from .tasks import TaskModel
+from .tasks import PERIOD_CONFIRM, TaskModel
 
 log = logging.getLogger("kairosvm-agent.introspect")
 
@@ -33,11 +40,29 @@ MAX_DELAY_S = 0.5
 #: are learnt (a period change is noticed within RESAMPLE_EVERY_S).
 RESAMPLE_EVERY_S = 10.0
 RESAMPLE_FOR_S = 1.0
+#: Fresh samples a re-sampling window gathers before the traps go off again:
+#: enough to confirm a changed period (tasks.PERIOD_CONFIRM) in one window.
+RESAMPLE_SAMPLES = PERIOD_CONFIRM + 1
+#: Fresh samples a re-sampling window gathers before the traps go off again:
+#: enough to confirm a changed period (tasks.PERIOD_CONFIRM) in one window.
+RESAMPLE_SAMPLES = PERIOD_CONFIRM + 1
 #: A guest booting under a small reservation (or nested) can take minutes
 #: to reach its kernel; the error is in the live state meanwhile (state "waiting").
 ATTACH_TIMEOUT_S = 600.0
 ATTACH_RETRY_S = 2.0
+#: An attach that stops the guest to find out whether it booted backs off up to this.
+ATTACH_RETRY_MAX_S = 60.0
+#: How often physical memory is polled for the booted kernel (no VM stop).
+BOOT_POLL_S = 0.25
 LAYOUT_RETRY_S = 5.0
+
+
+class NotBooted(KairosError):
+    """The guest kernel is not up yet (found out without stopping the guest)."""
+
+
+class _NoReader(KairosError):
+    """Guest memory asked for before there is a reader (symbols must come from a file)."""
 
 
 @dataclass
@@ -79,6 +104,22 @@ class Introspector:
         self._resample_at = 0.0
         self._layout_at = 0.0
         self._held = False
+        self._suppressed_seen = 0
+        #: Server changes decided by adaptation, and flips: a change back to a
+        #: server a vCPU held before with no task-set change in between (the
+        #: hysteresis makes them impossible; the counter proves it).
+        self.server_changes = 0
+        self.server_flips = 0
+        #: Per vCPU: server -> the model's structure count when the vCPU last left it.
+        self._left: Dict[int, Dict[VcpuSched, int]] = {}
+        self._suppressed_seen = 0
+        #: Server changes decided by adaptation, and flips: a change back to a
+        #: server a vCPU held before with no task-set change in between (the
+        #: hysteresis makes them impossible; the counter proves it).
+        self.server_changes = 0
+        self.server_flips = 0
+        #: Per vCPU: server -> the model's structure count when the vCPU last left it.
+        self._left: Dict[int, Dict[VcpuSched, int]] = {}
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
@@ -92,26 +133,40 @@ class Introspector:
 
     def _main(self) -> None:
         # The agent starts while the guest is still in its firmware or early
-        # boot: until the kernel is up there is no banner to find.  Retry,
-        # detached (the VM runs) between attempts.
+        # boot: until the kernel is up there is nothing to attach to.  Wait,
+        # reading physical memory where the host allows it (no VM stop), else
+        # retry the attach, detached (the VM runs) between attempts.
         deadline = time.monotonic() + ATTACH_TIMEOUT_S
+        retry_s = ATTACH_RETRY_S
+        budget = getattr(self.backend, "budget", None)
         while True:
             try:
                 self._attach()
                 break
+            except NotBooted as exc:
+                # Nothing stopped the guest: poll again soon.
+                self._safe_close()
+                wait_s, err, quiet = BOOT_POLL_S, exc, True
             except KairosError as exc:
                 self._safe_close()
-                self.status.error = str(exc)
-                if time.monotonic() >= deadline or self.stop_event.is_set():
-                    self.status.state = "failed"
-                    log.error("introspection (%s) unavailable: %s; the declared reservation "
-                              "stays", self.backend.name, exc)
-                    return
-                self.status.state = "waiting"
-                log.info("introspection (%s) not ready (%s); retrying", self.backend.name, exc)
-                self._reset()
-                if self.stop_event.wait(ATTACH_RETRY_S):
-                    return
+                wait_s, err, quiet = retry_s, exc, False
+                retry_s = min(ATTACH_RETRY_MAX_S, retry_s * 2)
+            self.status.error = str(err)
+            out_of_attaches = budget is not None and not quiet and not budget.can_attach()
+            if time.monotonic() >= deadline or self.stop_event.is_set() or out_of_attaches:
+                self.status.state = "failed"
+                if out_of_attaches:
+                    self.status.error = (f"{err} (gave up after {budget.attaches} attach stops, "
+                                         "the stop budget's attach allowance)")
+                log.error("introspection (%s) unavailable: %s; the declared reservation "
+                          "stays", self.backend.name, self.status.error)
+                return
+            if self.status.state != "waiting" or not quiet:
+                log.info("introspection (%s) not ready (%s); retrying", self.backend.name, err)
+            self.status.state = "waiting"
+            self._reset()
+            if self.stop_event.wait(wait_s):
+                return
         # While held, the hold request queued for the backend thread runs first
         # in run(): it disarms whatever an attach in flight armed, then says "held".
         self.status.state = "running"
@@ -141,8 +196,76 @@ class Introspector:
         except KairosError as exc:
             log.warning("closing the %s backend: %s", self.backend.name, exc)
 
+    def _guest_memory(self):
+        """The backend's stop-free physical reader, or None (noted once when the host refuses)."""
+        opener = getattr(self.backend, "guest_memory", None)
+        if opener is None:
+            return None
+        try:
+            return opener()
+        except KairosError as exc:
+            note = f"guest memory is read through the gdbstub (the guest stops for it): {exc}"
+            if note not in self.status.notes:
+                self.status.notes.append(note)
+            log.warning("%s", note)
+            return None
+
     def _attach(self) -> None:
+        phys = self._guest_memory()
+        if phys is not None:
+            syms = self._symbols_without_stop()
+            if syms is not None:
+                self._attach_booted(phys, syms)
+                return
+        self._attach_stopped()
+
+    def _symbols_without_stop(self):
+        """Symbols that need no guest memory (the domain's vmlinuz), else None."""
+        def no_reader(addr: int, n: int) -> bytes:
+            raise _NoReader(f"{addr:#x}: no guest-virtual reader before attach")
+        try:
+            return self.load_symbols(no_reader)
+        except KairosError:
+            return None
+
+    def _attach_booted(self, phys, syms) -> None:
+        """Place the kernel from physical memory (VM running), then one stop to arm."""
+        from .symbols import SymbolError, fentry_site, place_kernel, read_exact
+        try:
+            placed = place_kernel(phys.read, syms, phys.size)
+        except SymbolError as exc:     # half-written memory while the kernel unpacks
+            raise NotBooted(f"guest kernel not booted yet ({exc})") from exc
+        if placed is None:
+            raise NotBooted("guest kernel not in memory yet (its banner is not where "
+                            f"{syms.source or 'the symbol table'} puts it)")
+        if not placed.up:
+            raise NotBooted(f"guest kernel booting (system_state {placed.state})")
+        kread = placed.reader(phys.read)
+        self.status.slide = placed.slide
+        self.rsyms = rsyms = syms.runtime(placed.slide)
+        plan: ResolvedPlan = resolve_plan(rsyms.resolve, lambda a: fentry_site(kread, a))
+        self._discover_layout(kread)
+        budget = getattr(self.backend, "budget", None)
+        if budget is not None and not budget.can_attach():
+            raise KairosError(f"the stop budget's attach allowance ({budget.spec.attach_limit} "
+                              "attach stops) is spent")
+        self.backend.open()                       # the one stop
+        banner = syms.banner.encode("ascii", "replace")[:32]
+        at = syms.address("linux_banner") + placed.slide
+        got = read_exact(self.backend.read, at, len(banner), "linux_banner through the vCPU")
+        if got != banner:
+            raise SymbolError(f"the vCPU's page tables do not show linux_banner at {at:#x} (found "
+                              f"{got[:16]!r}): physical memory and the running kernel disagree")
+        self._arm_plan(plan)
+        self._check_attach_stop()
+
+    def _attach_stopped(self) -> None:
+        """The order for backends without stop-free reads: everything inside the attach stop."""
         from .symbols import fentry_site
+        budget = getattr(self.backend, "budget", None)
+        if budget is not None and not budget.can_attach():
+            raise KairosError(f"the stop budget's attach allowance ({budget.spec.attach_limit} "
+                              "attach stops) is spent")
         self.backend.open()
         read = self.backend.read
         syms = self.load_symbols(read)
@@ -151,6 +274,18 @@ class Introspector:
         rsyms = syms.runtime(slide)
         self.rsyms = rsyms
         plan: ResolvedPlan = resolve_plan(rsyms.resolve, lambda a: fentry_site(read, a))
+        self._check_attach_stop()
+        self._arm_plan(plan)
+        self._discover_layout(read)
+
+    def _check_attach_stop(self) -> None:
+        elapsed = getattr(self.backend, "attach_elapsed_ns", lambda: 0)()
+        limit = self.backend.budget.spec.attach_stop_ns if hasattr(self.backend, "budget") else None
+        if limit is not None and elapsed > limit:
+            raise KairosError(f"attach stopped the guest {elapsed // 1_000_000} ms, over the stop "
+                              f"budget's {limit // 1_000_000} ms: detached")
+
+    def _arm_plan(self, plan: ResolvedPlan) -> None:
         self.backend.plan = plan
         self.status.notes.extend(plan.skipped)
         for addr, site in plan.sites.items():
@@ -159,7 +294,6 @@ class Introspector:
                 self._sleep_sites.append(addr)
             if not self._held:
                 self.backend.arm(addr)
-        self._discover_layout(read)
 
     def _discover_layout(self, read: Callable[[int, int], bytes]) -> None:
         """task_struct offsets need init and kthreadd to exist: retry until they do."""
@@ -183,7 +317,7 @@ class Introspector:
                 from . import layout as _layout
                 task = _layout.current_task(read, hit.regs["gs_base"], self.rsyms)
                 tid, _tgid, comm = _layout.task_ident(read, task, self.layout)
-                hit = Hit(hit.kind, hit.vcpu, hit.regs, hit.time_ns, tid, comm)
+                hit = replace(hit, tid=tid, comm=comm)
             except KairosError:
                 pass  # identity is a nicety; the pt_regs key still identifies the task
         try:
@@ -194,6 +328,13 @@ class Introspector:
             return
         self.backend.counters.decoded += 1
         with self.lock:
+            # A site the backend's rate limit disarmed meanwhile missed calls:
+            # the next gap of every task spans that pause, it is no sample.
+            suppressed = getattr(self.backend.counters, "suppressed", 0)
+            if suppressed != self._suppressed_seen:
+                self._suppressed_seen = suppressed
+                if not getattr(self.backend, "cheap_traps", False):
+                    self.model.note_pause()
             if self.model.apply(ev):
                 now = time.monotonic()
                 self._last_change = now
@@ -203,7 +344,12 @@ class Introspector:
         self._sampling_policy()
 
     def _sampling_policy(self) -> None:
-        """Learn periods, then stop paying for clock_nanosleep traps (re-sample now and then)."""
+        """Learn periods, then stop paying for clock_nanosleep traps (re-sample now and then).
+
+        Pausing and re-sampling change nothing the analysis reads (the gaps
+        across a pause are spans, a moved period needs PERIOD_CONFIRM fresh
+        samples): re-sampling alone never changes a server.
+        """
         if getattr(self.backend, "cheap_traps", False) or self._held:
             return
         now = time.monotonic()
@@ -220,7 +366,7 @@ class Introspector:
             self.backend.arm(a)
         self._sleep_armed = True
         with self.lock:
-            self.model.resume_sampling(fresh=4)
+            self.model.resume_sampling(fresh=RESAMPLE_SAMPLES)
         self._resample_at = now + RESAMPLE_FOR_S
 
     # -- hold: no trap in the guest (before a save, snapshot or migration) ---
@@ -266,18 +412,46 @@ class Introspector:
 
     # -- the agent asks ---------------------------------------------------
     def adapted(self) -> Dict[int, _adapt.Adapted]:
-        """Current per-vCPU reservations (debounced re-analysis when the model changed)."""
+        """Current per-vCPU reservations (debounced re-analysis when the model changed).
+
+        Hysteresis: the analysis re-runs only when the task set changed (the
+        model's version moved), and it is a function of the task set, so a
+        server never changes without a task-set change.
+        """
         now = time.monotonic()
         with self.lock:
             due = self._dirty_since is not None and (
                 now - self._last_change >= DEBOUNCE_S or now - self._dirty_since >= MAX_DELAY_S)
-            if self._analysed_version == -1 or due:
-                self._adapted = _adapt.adapt(self.model, self.declared, self.ceilings,
-                                             self.overhead_ns)
+            if self._analysed_version == -1 or (due and self.model.version !=
+                                                self._analysed_version):
+                new = _adapt.adapt(self.model, self.declared, self.ceilings, self.overhead_ns)
+                self._count_changes(self._adapted, new)
+                self._adapted = new
                 self._analysed_version = self.model.version
-                self._dirty_since = None
                 self.trigger_ns, self._trigger_ns = self._trigger_ns, None
+            if due:
+                self._dirty_since = None
             return dict(self._adapted)
+
+    def _count_changes(self, old: Mapping[int, _adapt.Adapted],
+                       new: Mapping[int, _adapt.Adapted]) -> None:
+        """Count server changes, and flips: back to a server the vCPU left while the
+        guest changed nothing of its tasks since (only beliefs moved)."""
+        for vid, a in new.items():
+            before = old.get(vid)
+            if before is None or before.sched == a.sched:
+                continue
+            self.server_changes += 1
+            left = self._left.setdefault(vid, {})
+            left[before.sched] = self.model.structure
+            if left.get(a.sched) == self.model.structure:
+                self.server_flips += 1
+                log.warning("vCPU %d: server flipped back to %s with no task-set change",
+                            vid, a.sched)
+
+    def adaptation_counters(self) -> Dict[str, int]:
+        """For the live state (state.INTRO_COUNTERS): server changes and flips."""
+        return {"server_changes": self.server_changes, "server_flips": self.server_flips}
 
     def tasks_snapshot(self) -> list:
         with self.lock:
@@ -285,5 +459,6 @@ class Introspector:
                          priority=t.priority, runtime_ns=t.runtime_ns,
                          deadline_ns=t.deadline_ns, period_ns=t.period_ns,
                          observed_period_ns=t.observed_period_ns,
-                         jitter_ns=t.periods.jitter_ns, samples=t.periods.count)
+                         jitter_ns=t.periods.jitter_ns, samples=t.periods.support,
+                         period_source=t.periods.source)
                     for t in sorted(self.model.rt_tasks(), key=lambda x: x.key)]
