@@ -25,7 +25,7 @@ from . import config as _config
 from . import enforce, paths, rtgroups
 from .errors import HostError, KairosError
 from .host import cgroup, cpuset, proc, sched
-from .ledger import Ledger, ensure_dir, sched_from_json
+from .ledger import Entry, Ledger, ensure_dir
 from .model import VcpuSched
 from .state import DomainState, VcpuState, to_xml, utcnow
 
@@ -62,11 +62,11 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------
     def run(self) -> int:
-        entry = self.ledger.read()["domains"].get(self.name)
+        entry = self.ledger.read().domains.get(self.name)
         if entry is None:
             log.info("domain %s holds no reservation in the ledger; nothing to do", self.name)
             return 0
-        wanted = {int(k): sched_from_json(v) for k, v in entry["granted"].items()}
+        wanted = dict(entry.granted)
         log.info("agent for %s: %s", self.name,
                  ", ".join(f"vCPU {k} {_describe(v)}" for k, v in wanted.items()))
         pid = self._wait_qemu()
@@ -78,8 +78,7 @@ class Agent:
                 log.info("ledger entry of %s released meanwhile; exiting", self.name)
                 return 0
         self._connect()
-        intro_cfg = entry.get("introspection") or {}
-        if intro_cfg.get("backend", "off") != "off":
+        if entry.introspection is not None and entry.introspection.backend != "off":
             self._start_introspection(entry, pid)
         poll = INTRO_POLL_S if self.intro is not None else POLL_S
         last_check = 0.0
@@ -92,15 +91,14 @@ class Agent:
                 now = time.monotonic()
                 if self.intro is not None:
                     self.intro.hold(os.path.exists(paths.hold_file(self.cfg, self.name)))
-                regrant = self.intro is not None and self._adapt()
-                if regrant or now - last_check >= RECHECK_S:
+                regranted = self._adapt() if self.intro is not None else None
+                if regranted is not None or now - last_check >= RECHECK_S:
                     last_check = now
-                    entry = self.ledger.read()["domains"].get(self.name)
+                    entry = regranted or self.ledger.read().domains.get(self.name)
                     if entry is None:
                         log.info("ledger entry of %s released; exiting", self.name)
                         break
-                    wanted = {int(k): sched_from_json(v) for k, v in entry["granted"].items()}
-                    self.step(pid, wanted)
+                    self.step(pid, dict(entry.granted))
                 self.stop.wait(poll)
         finally:
             if self.intro is not None:
@@ -108,47 +106,42 @@ class Agent:
         return 0
 
     # -- introspection ---------------------------------------------------
-    def _start_introspection(self, entry: dict, pid: int) -> None:
-        from fractions import Fraction
+    def _start_introspection(self, entry: Entry, pid: int) -> None:
         from .introspect import backends
         from .introspect.runtime import Introspector
-        intro_cfg = entry["introspection"]
-        declared = {int(k): sched_from_json(v) for k, v in entry["vcpus"].items()}
-        ceilings = {int(k): Fraction(v) for k, v in intro_cfg.get("ceilings", {}).items()}
+        intro_cfg = entry.introspection
+        assert intro_cfg is not None
         try:
-            backend, note = backends.make(intro_cfg["backend"], self.name, self.dom, pid,
+            backend, note = backends.make(intro_cfg.backend, self.name, self.dom, pid,
                                           paths.domain_dir(self.cfg, self.name))
         except KairosError as exc:
             log.error("introspection unavailable: %s; the declared reservation stays", exc)
-            self.intro_status = {"backend": intro_cfg["backend"], "state": "failed",
+            self.intro_status = {"backend": intro_cfg.backend, "state": "failed",
                                  "error": str(exc), "notes": []}
             return
-        self.intro = Introspector(backend, backends.symbol_loader(intro_cfg.get("kernel")),
-                                  declared, ceilings)
+        self.intro = Introspector(backend, backends.symbol_loader(intro_cfg.kernel),
+                                  dict(entry.declared), dict(intro_cfg.ceilings))
         if note:
             self.intro.status.notes.append(note)
             log.warning("%s", note)
         self.intro.start()
 
-    def _adapt(self) -> bool:
-        """Resize grants to what the analysis wants; True when the ledger changed."""
+    def _adapt(self) -> Optional[Entry]:
+        """Resize grants to what the analysis wants; the updated entry when the ledger changed."""
         from .errors import AdmissionError
-        from .ledger import sched_to_json
         self.intro.tick()
         adapted = self.intro.adapted()
         self.adapted = adapted
-        changed = False
+        changed: Optional[Entry] = None
         with self.ledger.locked() as state:
-            e = state["domains"].get(self.name)
+            e = state.domains.get(self.name)
             if e is None:
-                return False
+                return None
             for vid, a in adapted.items():
-                want = sched_to_json(a.sched)
-                if e["granted"].get(str(vid)) == want:
+                if e.granted.get(vid) == a.sched:
                     continue
                 try:
-                    self.ledger.regrant(state, self.name, vid, a.sched)
-                    changed = True
+                    changed = self.ledger.regrant(state, self.name, vid, a.sched)
                     if self.intro.trigger_ns is not None:
                         self.pending_trigger[vid] = self.intro.trigger_ns
                     log.info("vCPU %d: %s reservation %s%s", vid, a.source, _describe(a.sched),
@@ -242,6 +235,8 @@ class Agent:
                                 "decoded": c.decoded, "rejected": c.rejected,
                                 "suppressed": c.suppressed, "handler_ns": c.handler_ns,
                                 "evicted": self.intro.model.evicted,
+                                **self.intro.adaptation_counters(),
+                                **self.intro.stop_counters(),
                                 **_percentiles(self.reactions)}
             st.tasks = self.intro.tasks_snapshot()
         elif self.intro_status is not None:
@@ -287,11 +282,13 @@ class Agent:
             return
         try:
             with self.ledger.locked() as state:
-                if self.name not in state["domains"]:
+                entry = state.domains.get(self.name)
+                if entry is None:
                     return
-                entry_rt = state["domains"][self.name].get("rt", {})
-                merged = {int(v): (entry_rt.get("vcpu_dirs", {}).get(v), r, p)
-                          for v, (r, p) in entry_rt.get("vcpus", {}).items()}
+                merged = {}
+                if entry.rt is not None:
+                    merged = {v: (entry.rt.vcpu_dirs.get(v), r, p)
+                              for v, (r, p) in entry.rt.vcpus.items()}
                 merged = {v: x for v, x in merged.items() if x[0]}
                 merged.update(groups)
                 rtgroups.apply_domain(state, self.name, domain_dirs.pop(), merged)
@@ -455,7 +452,7 @@ def _supervise(name: str, cfg: _config.HostConfig) -> int:
             if stop.is_set() or rc == 0:
                 return 0
             if proc.qemu_pid(name) is None or \
-                    name not in Ledger(cfg).read()["domains"]:
+                    name not in Ledger(cfg).read().domains:
                 return 0
             now = time.monotonic()
             restarts = [t for t in restarts if now - t < 60] + [now]

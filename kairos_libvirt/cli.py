@@ -233,27 +233,33 @@ def cmd_hold(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    from .ledger import Ledger, entry_bandwidth
+    from .ledger import Ledger, entry_bandwidth, sched_to_json
     cfg = _config.load()
     ledger = Ledger(cfg)
     with ledger.locked() as state:
         dropped = ledger.reconcile(state)
         cap = ledger.capacity(state)
-        doms = {n: dict(e) for n, e in state["domains"].items()}
+        doms = dict(state.domains)
+        enforcement = ledger.enforcement()
     used = sum((entry_bandwidth(e) for e in doms.values()), Fraction(0))
     doc = {"capacity": str(cap.total), "capacity_source": cap.source,
            "per_cpu": str(cap.per_cpu), "used": str(used), "free": str(cap.total - used),
+           "fair_server": cap.fair_server,
+           "enforcement_ns": enforcement.granularity_ns, "enforcement": enforcement.source,
            "dropped_stale": dropped,
-           "domains": {n: {"state": e["state"], "qemu_pid": e.get("qemu_pid"),
-                           "bandwidth": str(entry_bandwidth(e)), "granted": e["granted"]}
+           "domains": {n: {"state": e.state, "qemu_pid": e.qemu_pid,
+                           "bandwidth": str(entry_bandwidth(e)),
+                           "granted": {str(k): sched_to_json(v) for k, v in sorted(e.granted.items())}}
                        for n, e in doms.items()}}
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"capacity {format_fraction(cap.total)} CPU ({cap.source})")
     print(f"used {format_fraction(used)}, free {format_fraction(cap.total - used)}")
+    print(f"enforcement granularity {format_ns(enforcement.granularity_ns)} ({enforcement.source})"
+          + ("; fair servers counted" if cap.fair_server else ""))
     for n, e in sorted(doms.items()):
-        print(f"  {n:<24} {e['state']:<9} {format_fraction(entry_bandwidth(e)):>9} CPU")
+        print(f"  {n:<24} {e.state:<9} {format_fraction(entry_bandwidth(e)):>9} CPU")
     return 0
 
 

@@ -4,6 +4,9 @@
 cpus: 0-1              # RT CPU pool the ledger may fill (default: all online CPUs)
 capacity_share: 0.9    # per-CPU share for reservations (default: the kernel's
                        # sched_rt_runtime_us / sched_rt_period_us)
+enforcement_granularity: 4ms   # the longest a SCHED_DEADLINE server can overrun its
+                       # runtime (default: found on the host, see host/tick.py: one
+                       # tick, or the hrtick slack when HRTICK_DL is on)
 introspection:
   default_backend: off
 ```
@@ -17,7 +20,7 @@ from typing import Optional
 
 from .errors import KairosError, UnitError
 from .host.cpus import parse_cpulist
-from .units import parse_fraction
+from .units import parse_fraction, parse_time_ns
 
 DEFAULT_PATH = "/etc/kairos/kairos.yaml"
 RUN_DIR = "/run/kairos"
@@ -31,6 +34,8 @@ class HostConfig:
     default_backend: str = "off"
     run_dir: str = RUN_DIR
     log_dir: str = LOG_DIR
+    #: Admin's word on the enforcement granularity (ns); None: find it on the host.
+    enforcement_ns: Optional[int] = None
 
 
 def config_path() -> str:
@@ -53,7 +58,8 @@ def load(path: Optional[str] = None) -> HostConfig:
         raise KairosError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise KairosError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    known = {"cpus", "capacity_share", "introspection", "run_dir", "log_dir"}
+    known = {"cpus", "capacity_share", "introspection", "run_dir", "log_dir",
+             "enforcement_granularity"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise KairosError(f"{path}: unknown setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
@@ -68,6 +74,15 @@ def load(path: Optional[str] = None) -> HostConfig:
             share = parse_fraction(str(data["capacity_share"]), f"{path}: capacity_share")
         except UnitError as exc:
             raise KairosError(str(exc)) from None
+    enforcement = None
+    if data.get("enforcement_granularity") is not None:
+        try:
+            enforcement = parse_time_ns(str(data["enforcement_granularity"]),
+                                        f"{path}: enforcement_granularity")
+        except UnitError as exc:
+            raise KairosError(str(exc)) from None
+        if enforcement < 0:
+            raise KairosError(f"{path}: enforcement_granularity must not be negative")
     intro = data.get("introspection") or {}
     backend = str(intro.get("default_backend", "off")) if isinstance(intro, dict) else "off"
     if backend not in ("off", "gdbstub", "kvm-ud"):
@@ -75,4 +90,4 @@ def load(path: Optional[str] = None) -> HostConfig:
                           "gdbstub, kvm-ud")
     return HostConfig(cpus=cpus, capacity_share=share, default_backend=backend,
                       run_dir=str(data.get("run_dir", RUN_DIR)),
-                      log_dir=str(data.get("log_dir", LOG_DIR)))
+                      log_dir=str(data.get("log_dir", LOG_DIR)), enforcement_ns=enforcement)

@@ -26,7 +26,7 @@ from . import paths
 from .errors import AdmissionError, DeclarationError, HostError, KairosError
 from .host import cgroup, proc
 from .host.cpus import format_cpulist, parse_cpulist
-from .ledger import Ledger, ensure_dir
+from .ledger import IntrospectionSettings, Ledger, ensure_dir
 from .model import DomainInfo, VcpuSched
 from .units import format_ns
 
@@ -106,20 +106,20 @@ def prepare(cfg: _config.HostConfig, name: str, xml: bytes) -> None:
             assert mount is not None  # host_checks refused otherwise
             rtgroups.check_headroom(state, os.path.join(mount, "machine"), rt)
         entry = ledger.admit(state, name, info.uuid, scheds)
-        entry["introspection"] = _introspection_entry(info, scheds)
+        entry.introspection = _introspection_entry(info, scheds)
         ensure_dir(paths.domain_dir(cfg, name))
     log.info("%s: admitted %s", name, ", ".join(
         f"vCPU {v} {s.policy} {format_ns(s.runtime_ns)}/{format_ns(s.period_ns)}"
         for v, s in scheds.items()))
 
 
-def _introspection_entry(info: DomainInfo, scheds: Dict[int, VcpuSched]) -> dict:
+def _introspection_entry(info: DomainInfo, scheds: Dict[int, VcpuSched]) -> IntrospectionSettings:
     """What the agent needs of ``<introspection>``, kept in the ledger entry."""
     decl = info.declaration
     assert decl is not None
-    return {"backend": decl.introspection.backend,
-            "ceilings": {str(v): str(decl.ceiling_for(s)) for v, s in scheds.items()},
-            "kernel": info.kernel}
+    return IntrospectionSettings(backend=decl.introspection.backend,
+                                 ceilings={v: decl.ceiling_for(s) for v, s in scheds.items()},
+                                 kernel=info.kernel)
 
 
 def reconnect(cfg: _config.HostConfig, name: str, xml: bytes) -> None:
@@ -127,7 +127,7 @@ def reconnect(cfg: _config.HostConfig, name: str, xml: bytes) -> None:
     from .spec import parse_domain
     ledger = Ledger(cfg)
     with ledger.locked() as state:
-        if name not in state["domains"]:
+        if name not in state.domains:
             info = parse_domain(xml)
             if info.declaration is None:
                 return
@@ -139,7 +139,7 @@ def reconnect(cfg: _config.HostConfig, name: str, xml: bytes) -> None:
                 # It runs already: record it anyway, and say so.
                 log.error("%s: running domain re-recorded over capacity: %s", name, exc)
                 entry = ledger.record(state, name, info.uuid, scheds)
-            entry["introspection"] = _introspection_entry(info, scheds)
+            entry.introspection = _introspection_entry(info, scheds)
             ensure_dir(paths.domain_dir(cfg, name))
         ledger.mark_running(state, name, proc.qemu_pid(name))
     spawn_agent(cfg, name)
@@ -150,7 +150,7 @@ def release(cfg: _config.HostConfig, name: str) -> None:
     stop_agent(cfg, name)
     ledger = Ledger(cfg)
     with ledger.locked() as state:
-        entry = state["domains"].get(name)
+        entry = state.domains.get(name)
         if entry is not None:
             try:
                 rtgroups.release_domain(state, name, entry)
@@ -167,11 +167,11 @@ def reconcile_host(cfg: _config.HostConfig) -> Dict[str, list]:
     ledger = Ledger(cfg)
     dropped, started_agents = [], []
     with ledger.locked() as state:
-        before = dict(state["domains"])
+        before = dict(state.domains)
         dropped = ledger.reconcile(state)
         for name in dropped:
             rtgroups.release_domain(state, name, before[name])
-        running = [n for n, e in state["domains"].items() if e.get("state") == "running"]
+        running = [n for n, e in state.domains.items() if e.state == "running"]
     for name in dropped:
         stop_agent(cfg, name)
         shutil.rmtree(paths.domain_dir(cfg, name), ignore_errors=True)

@@ -215,11 +215,12 @@ def sched_stats(pid: int, tid: int) -> Tuple[Optional[int], Optional[int], Optio
     return exec_ns, _int(stats.get("dl.runtime")), _int(throttled)
 
 
-def sample_domain(cfg, name: str, conn, entry: Optional[dict]) -> DomainSample:
+def sample_domain(cfg, name: str, conn, entry: Optional["Entry"]) -> DomainSample:
     """One domain: ``status.collect`` (kernel now) + /proc counters + live state."""
     from . import STATE_NS, spec, status, virt
     from .errors import DeclarationError, KairosError
-    d = DomainSample(name=name, ledger_state=entry["state"] if entry else None)
+    from .ledger import sched_to_json
+    d = DomainSample(name=name, ledger_state=entry.state if entry else None)
     info, state_xml = None, None
     if conn is not None:
         try:
@@ -234,7 +235,7 @@ def sample_domain(cfg, name: str, conn, entry: Optional[dict]) -> DomainSample:
     doc = status.collect(name, info, cfg)
     d.running, d.qemu_pid = doc["running"], doc["qemu_pid"]
     d.agent_pid, d.agent_running = doc["agent"]["pid"], doc["agent"]["running"]
-    granted = (entry or {}).get("granted", {})
+    granted = {str(k): sched_to_json(v) for k, v in entry.granted.items()} if entry else {}
     pub = published(state_xml)
     d.introspection = pub.introspection
     for row in doc["vcpus"]:
@@ -289,9 +290,9 @@ def sample(cfg=None, only: Optional[List[str]] = None) -> HostSample:
     try:
         with ledger.locked() as state:
             hs.capacity_cpus = ledger.capacity(state).total
-            entries = {n: dict(e) for n, e in state["domains"].items()}
+            entries = dict(state.domains)
     except (OSError, KairosError):  # not root, or /run/kairos unusable: the snapshot only
-        entries = dict(ledger.read()["domains"])
+        entries = dict(ledger.read().domains)
     hs.reserved_cpus = sum((entry_bandwidth(e) for e in entries.values()), Fraction(0))
     try:
         conn = virt.connect()

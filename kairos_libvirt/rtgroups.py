@@ -13,14 +13,15 @@ from typing import Dict, Optional, Tuple
 from . import rtbw
 from .errors import AdmissionError, HostError
 from .host import cgroup
+from .ledger import Entry, LedgerState, RtGroups
 from .units import format_fraction
 
 
-def _domain_runtime(vcpus: Dict[str, list]) -> int:
+def _domain_runtime(vcpus: Dict[int, Tuple[int, int]]) -> int:
     return rtbw.parent_runtime_us([(r, p) for r, p in vcpus.values()])
 
 
-def machine_need_us(state: dict, machine: str, exclude: Optional[str] = None) -> int:
+def machine_need_us(state: LedgerState, machine: str, exclude: Optional[str] = None) -> int:
     """Runtime (us per 1 s) ``machine`` needs for every domain's RT groups.
 
     Counts our ledger's domains (except ``exclude``) plus any other child of
@@ -28,64 +29,64 @@ def machine_need_us(state: dict, machine: str, exclude: Optional[str] = None) ->
     """
     children = []
     ours = set()
-    for name, e in state["domains"].items():
-        rt = e.get("rt")
-        if not rt:
+    for name, e in state.domains.items():
+        rt = e.rt
+        if rt is None:
             continue
-        ours.add(os.path.normpath(rt["domain_dir"]))
+        ours.add(os.path.normpath(rt.domain_dir))
         if name != exclude:
-            children.append((_domain_runtime(rt["vcpus"]), rtbw.PARENT_PERIOD_US))
+            children.append((_domain_runtime(rt.vcpus), rtbw.PARENT_PERIOD_US))
     for path, (r, p) in cgroup.other_rt_users(machine, exclude="").items():
         if os.path.normpath(path) not in ours:
             children.append((r, p))
     return rtbw.parent_runtime_us(children)
 
 
-def apply_domain(state: dict, name: str, domain_dir: str,
+def apply_domain(state: LedgerState, name: str, domain_dir: str,
                  vcpus: Dict[int, Tuple[str, int, int]]) -> None:
     """Give ``name``'s vCPU groups their RT budgets: ``{vid: (dir, runtime_us, period_us)}``."""
     machine = os.path.dirname(domain_dir)
-    saved = state["saved"]
+    saved = state.saved
     if "machine_rt" not in saved:
         rt, p = cgroup.read_rt(machine)
         saved["machine_rt"] = {"path": machine, "runtime_us": rt, "period_us": p}
-    entry = state["domains"][name]
-    entry["rt"] = {"domain_dir": domain_dir,
-                   "vcpus": {str(v): [r, p] for v, (_d, r, p) in vcpus.items()},
-                   "vcpu_dirs": {str(v): d for v, (d, _r, _p) in vcpus.items()}}
+    entry = state.domains[name]
+    entry.rt = RtGroups(domain_dir=domain_dir,
+                        vcpus={v: (r, p) for v, (_d, r, p) in vcpus.items()},
+                        vcpu_dirs={v: d for v, (d, _r, _p) in vcpus.items()})
     need = machine_need_us(state, machine)
     cur_rt, cur_p = cgroup.read_rt(machine)
     if cur_p != rtbw.PARENT_PERIOD_US or cur_rt < need:
         cgroup.set_rt(machine, max(need, cur_rt if cur_p == rtbw.PARENT_PERIOD_US else 0),
                       rtbw.PARENT_PERIOD_US)
-    cgroup.set_rt(domain_dir, _domain_runtime(entry["rt"]["vcpus"]), rtbw.PARENT_PERIOD_US)
+    cgroup.set_rt(domain_dir, _domain_runtime(entry.rt.vcpus), rtbw.PARENT_PERIOD_US)
     for _v, (d, r, p) in sorted(vcpus.items()):
         cgroup.set_rt(d, r, p)
 
 
-def release_domain(state: dict, name: str, entry: dict) -> None:
+def release_domain(state: LedgerState, name: str, entry: Entry) -> None:
     """Undo a domain's RT groups (if libvirt left them) and shrink/restore ``machine``."""
-    rt = entry.get("rt")
-    if not rt:
+    rt = entry.rt
+    if rt is None:
         return
-    domain_dir = rt["domain_dir"]
+    domain_dir = rt.domain_dir
     machine = os.path.dirname(domain_dir)
     if os.path.isdir(domain_dir):
         cgroup.zero_rt_subtree(domain_dir)
         cgroup.remove_empty_subtree(domain_dir)
-    others = [n for n, e in state["domains"].items() if n != name and e.get("rt")]
-    saved = state["saved"].get("machine_rt")
+    others = [n for n, e in state.domains.items() if n != name and e.rt is not None]
+    saved = state.saved.get("machine_rt")
     if not os.path.isdir(machine):
         return
     if not others and saved and saved["path"] == machine:
         cgroup.set_rt(machine, saved["runtime_us"], saved["period_us"])
-        del state["saved"]["machine_rt"]
+        del state.saved["machine_rt"]
     else:
         need = machine_need_us(state, machine, exclude=name)
         cgroup.set_rt(machine, need, rtbw.PARENT_PERIOD_US)
 
 
-def check_headroom(state: dict, machine: str, add: Dict[int, Tuple[int, int]]) -> None:
+def check_headroom(state: LedgerState, machine: str, add: Dict[int, Tuple[int, int]]) -> None:
     """At prepare: would ``machine`` still fit under the root's RT limit with ``add``?"""
     root = os.path.dirname(machine)
     try:

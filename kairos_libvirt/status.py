@@ -7,7 +7,7 @@ from . import config as _config
 from .errors import KairosError
 from .host import cgroup, proc, sched
 from .hook import agent_pid
-from .ledger import Ledger
+from .ledger import Ledger, sched_to_json
 from .spec import DomainInfo, VcpuSched
 from .units import format_ns
 
@@ -36,7 +36,7 @@ def collect(name: str, info: Optional[DomainInfo], cfg: Optional[_config.HostCon
     decl = info.declaration if info else None
     declared = decl.resolve(info.vcpus_max) if decl and info else {}
     tids = proc.vcpu_threads(pid) if pid else {}
-    entry = Ledger(cfg).read()["domains"].get(name)
+    entry = Ledger(cfg).read().domains.get(name)
     vcpus: List[Dict[str, Any]] = []
     for vid in sorted(set(declared) | set(tids)):
         tid = tids.get(vid)
@@ -75,8 +75,8 @@ def collect(name: str, info: Optional[DomainInfo], cfg: Optional[_config.HostCon
         "running": pid is not None,
         "qemu_pid": pid,
         "agent": {"pid": apid if apid and apid > 0 else None, "running": apid is not None},
-        "ledger": ({"state": entry["state"],
-                    "granted": {k: dict(v) for k, v in entry["granted"].items()}}
+        "ledger": ({"state": entry.state,
+                    "granted": {str(k): sched_to_json(v) for k, v in sorted(entry.granted.items())}}
                    if entry else None),
         "vcpus": vcpus,
         "guest_tasks": [{k: t.get(k) for k in GUEST_TASK_KEYS}
@@ -86,7 +86,8 @@ def collect(name: str, info: Optional[DomainInfo], cfg: Optional[_config.HostCon
 
 
 GUEST_TASK_KEYS = ("key", "tid", "comm", "vcpu", "policy", "priority", "runtime_ns",
-                   "deadline_ns", "period_ns", "observed_period_ns", "jitter_ns", "samples")
+                   "deadline_ns", "period_ns", "observed_period_ns", "jitter_ns", "samples",
+                   "period_source")
 
 
 def _int_or_none(v: Optional[str]) -> Optional[int]:

@@ -129,7 +129,8 @@ def check_admission(reservations: Sequence[Reservation], *, cpus: Sequence[int],
                     limit: Optional[Fraction] = DEFAULT_LIMIT,
                     existing: Optional[Mapping[int, Fraction]] = None,
                     enforcement: Enforcement = EXACT, fair_server: bool = False,
-                    capacity: Optional[Fraction] = None) -> AdmissionReport:
+                    capacity: Optional[Fraction] = None,
+                    bandwidth_only: Sequence[Reservation] = ()) -> AdmissionReport:
     """Would ``reservations`` be admitted on the root domain made of ``cpus``, and supplied?
 
     ``existing`` is the deadline bandwidth already admitted per CPU by
@@ -138,6 +139,9 @@ def check_admission(reservations: Sequence[Reservation], *, cpus: Sequence[int],
     overrides limit × CPUs when the ledger probed what the kernel really
     admits.  ``enforcement`` is the host's granularity (see the module
     docstring); ``fair_server`` counts the kernel's per-CPU fair server.
+    ``bandwidth_only`` are reservations that hold the same capacity but are
+    not deadline servers (RT-group budgets of fifo/rr vCPUs, which run below
+    SCHED_DEADLINE): counted by bandwidth only.
     """
     cpus = list(cpus)
     if not cpus or len(set(cpus)) != len(cpus):
@@ -151,7 +155,14 @@ def check_admission(reservations: Sequence[Reservation], *, cpus: Sequence[int],
             raise AnalysisError(f"reservation {r.name!r}: cpu {r.cpu} is not allowed; use one of {cpus}")
     problems: List[str] = []
     g = enforcement.granularity_ns
-    total = sum(existing.values(), Fraction(0)) + sum((r.bandwidth for r in reservations), Fraction(0))
+    other_bandwidth = sum((r.bandwidth for r in bandwidth_only), Fraction(0))
+    total = (sum(existing.values(), Fraction(0)) + other_bandwidth
+             + sum((r.bandwidth for r in reservations), Fraction(0)))
+    for r in list(reservations) + list(bandwidth_only):
+        if limit is not None and r.bandwidth > limit:
+            problems.append(f"{r.name} asks for {_f(r.bandwidth)} of a CPU (runtime "
+                            f"{format_ns(r.runtime_ns)} / period {format_ns(r.period_ns)}) but one "
+                            f"CPU offers at most {_f(limit)}")
     if capacity is None:
         capacity = None if limit is None else limit * len(cpus)
         cap_text = f"{len(cpus)} × limit {_f(limit)} = {_f(capacity)}"
@@ -160,8 +171,9 @@ def check_admission(reservations: Sequence[Reservation], *, cpus: Sequence[int],
     if capacity is not None and total > capacity:
         problems.append(
             f"root domain of {len(cpus)} CPUs: deadline bandwidth {_f(total)} (existing "
-            f"{_f(sum(existing.values(), Fraction(0)))} + requested "
-            f"{_f(total - sum(existing.values(), Fraction(0)))}) exceeds {cap_text}")
+            f"{_f(sum(existing.values(), Fraction(0)) + other_bandwidth)} + requested "
+            f"{_f(total - sum(existing.values(), Fraction(0)) - other_bandwidth)}) exceeds "
+            f"{cap_text}")
     for r in reservations:
         if not enforcement.suppliable(r.runtime_ns, r.deadline_ns):
             problems.append(
@@ -318,10 +330,12 @@ def admit(reservations: Sequence[Reservation], *, cpus: Sequence[int],
           limit: Optional[Fraction] = DEFAULT_LIMIT,
           existing: Optional[Mapping[int, Fraction]] = None,
           enforcement: Enforcement = EXACT, fair_server: bool = False,
-          capacity: Optional[Fraction] = None) -> AdmissionReport:
+          capacity: Optional[Fraction] = None,
+          bandwidth_only: Sequence[Reservation] = ()) -> AdmissionReport:
     """Like :func:`check_admission` but raises :class:`AdmissionError` naming the numbers."""
     report = check_admission(reservations, cpus=cpus, limit=limit, existing=existing,
-                             enforcement=enforcement, fair_server=fair_server, capacity=capacity)
+                             enforcement=enforcement, fair_server=fair_server, capacity=capacity,
+                             bandwidth_only=bandwidth_only)
     if not report.admitted:
         raise AdmissionError(report.message)
     return report

@@ -21,7 +21,8 @@ def dom(name: str, runtime: str = "1ms", vcpus: int = 2, extra: str = "") -> byt
 def env(tmp_path, monkeypatch):
     run = tmp_path / "run"
     cfgfile = tmp_path / "kairos.yaml"
-    cfgfile.write_text(f"run_dir: {run}\nlog_dir: {tmp_path / 'log'}\ncapacity_share: 0.5\n")
+    cfgfile.write_text(f"run_dir: {run}\nlog_dir: {tmp_path / 'log'}\ncapacity_share: 0.5\n"
+                       "enforcement_granularity: 0\n")
     monkeypatch.setenv("KAIROS_CONFIG", str(cfgfile))
     run.mkdir()
     (run / "dl-capacity.json").write_text(json.dumps({
@@ -48,7 +49,7 @@ def test_refusal_prints_the_reason_and_reserves_nothing(env, capsys):
     assert hook.main(["a", "prepare", "begin", "-"], stdin=dom("a", "5ms", vcpus=n)) == 0
     rc = hook.main(["b", "prepare", "begin", "-"], stdin=dom("b", "5ms", vcpus=1))
     err = capsys.readouterr().err
-    assert rc == 1 and "not enough real-time capacity" in err and "domain b" in err
+    assert rc == 1 and "refused by admission: root domain of 2 CPUs" in err and "domain b" in err
     assert "b" not in ledger(env) and not (env / "domains" / "b").exists()
     assert (env / "metrics" / "admission_refusals").read_text().strip() == "1"
     # libvirt then sends stopped/release for b: they must not touch a's reservation.

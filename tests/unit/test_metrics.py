@@ -18,6 +18,7 @@ import pytest
 
 from kairos_libvirt import cli, metrics, virt
 from kairos_libvirt.config import HostConfig
+from kairos_libvirt.ledger import Entry
 from kairos_libvirt.errors import KairosError, LibvirtError
 from kairos_libvirt.host import proc
 from kairos_libvirt.metrics import DomainSample, HostSample, VcpuSample
@@ -425,7 +426,7 @@ def test_domain_names_from_ledger_and_declaring_domains():
 
 @pytest.fixture
 def cfg(tmp_path):
-    return HostConfig(run_dir=str(tmp_path / "run"), log_dir=str(tmp_path / "log"))
+    return HostConfig(run_dir=str(tmp_path / "run"), log_dir=str(tmp_path / "log"), enforcement_ns=0)
 
 
 def test_sample_domain_that_vanished_from_libvirt(cfg):
@@ -438,7 +439,7 @@ def test_sample_domain_with_an_invalid_declaration(cfg):
            "<k:realtime xmlns:k='http://kairosvm.org/xmlns/libvirt/realtime/1.0'>"
            "<k:default policy='deadline' runtime='20ms' period='10ms'/></k:realtime>"
            "</metadata></domain>")
-    entry = {"state": "running", "granted": {}}
+    entry = Entry(uuid="u", declared={}, granted={}, state="running")
     d = metrics.sample_domain(cfg, "bad", FakeConn([FakeDomain("bad", xml)]), entry)
     assert d.error.startswith("invalid declaration: ") and d.ledger_state == "running"
 
