@@ -373,6 +373,13 @@ INTRO_COUNTER_FAMILIES = (
      "Time the guest stood stopped in the trap handler: introspection's overhead."),
     ("evicted", "kairosvm_domain_guest_tasks_evicted_total",
      "Guest tasks dropped from the task model because it was full."),
+    ("stopped_ns", "kairosvm_domain_introspection_stopped_seconds_total",
+     "Time introspection held the guest stopped (attach, trap hits, arming), the backend's "
+     "own account."),
+    ("stops", "kairosvm_domain_introspection_stops_total",
+     "Times introspection stopped the guest."),
+    ("budget_waits", "kairosvm_domain_introspection_budget_waits_total",
+     "Times trap sites were taken off because the stop budget was spent (the guest ran on)."),
 )
 
 
@@ -440,7 +447,7 @@ def families(hs: HostSample) -> List[Family]:
                             state=str(i.get("state")))
             for key, fam in intro.items():
                 if isinstance(i.get(key), int):
-                    fam.add(i[key] / 1e9 if key == "handler_ns" else i[key], domain=d.name)
+                    fam.add(i[key] / 1e9 if key.endswith("_ns") else i[key], domain=d.name)
     return [libvirt_up, capacity, reserved_all, refusals, running, agent, res_bw, res_period,
             enf_bw, in_force, cpu, thr, tasks, intro_state, *intro.values()]
 

@@ -35,6 +35,22 @@ class Introspection:
     backend: str = "off"
     #: Most bandwidth per vCPU introspection may grant; None = the declared one.
     ceiling: Optional[Fraction] = None
+    #: The stop budget (introspect/budget.py): share of any 1 s window the guest
+    #: may stand stopped, longest trap stop, longest attach stop; None = default.
+    stop_share: Optional[Fraction] = None
+    max_stop_ns: Optional[int] = None
+    attach_stop_ns: Optional[int] = None
+
+    def budget_json(self) -> Dict[str, object]:
+        """The stop budget as the ledger entry keeps it (introspect.budget.spec_from_json)."""
+        out: Dict[str, object] = {}
+        if self.stop_share is not None:
+            out["stop_share"] = str(self.stop_share)
+        if self.max_stop_ns is not None:
+            out["max_stop_ns"] = self.max_stop_ns
+        if self.attach_stop_ns is not None:
+            out["attach_stop_ns"] = self.attach_stop_ns
+        return out
 
 
 @dataclass(frozen=True)

@@ -145,10 +145,10 @@ def _check_sched(s: VcpuSched, what: str, line: Optional[int] = None) -> None:
 
 
 def _parse_introspection(el: etree._Element) -> Introspection:
-    extra = sorted(set(el.attrib) - {"backend", "ceiling"})
+    extra = sorted(set(el.attrib) - {"backend", "ceiling", "stop-share", "max-stop", "attach-stop"})
     if extra:
         raise DeclarationError(f"<introspection>: unknown attribute {extra[0]!r}; allowed: "
-                               "backend, ceiling", el.sourceline)
+                               "backend, ceiling, stop-share, max-stop, attach-stop", el.sourceline)
     if len(el):
         raise DeclarationError("<introspection>: takes no child elements", el.sourceline)
     backend = el.get("backend", "off")
@@ -161,7 +161,34 @@ def _parse_introspection(el: etree._Element) -> Introspection:
             ceiling = parse_fraction(el.get("ceiling"), "<introspection> ceiling")
         except UnitError as exc:
             raise DeclarationError(str(exc), el.sourceline) from None
-    return Introspection(backend=backend, ceiling=ceiling)
+    budget = _parse_budget(el)
+    return Introspection(backend=backend, ceiling=ceiling, **budget)
+
+
+def _parse_budget(el: etree._Element) -> Dict[str, object]:
+    """``stop-share``, ``max-stop``, ``attach-stop``: the stop budget (introspect/budget.py)."""
+    from .introspect.budget import DEFAULT_SPEC, WINDOW_NS
+    out: Dict[str, object] = {}
+    try:
+        if el.get("stop-share") is not None:
+            out["stop_share"] = parse_fraction(el.get("stop-share"), "<introspection> stop-share")
+        for attr, key in (("max-stop", "max_stop_ns"), ("attach-stop", "attach_stop_ns")):
+            if el.get(attr) is not None:
+                out[key] = parse_time_ns(el.get(attr), f"<introspection> {attr}")
+    except UnitError as exc:
+        raise DeclarationError(str(exc), el.sourceline) from None
+    share = out.get("stop_share", DEFAULT_SPEC.share)
+    if not 0 < share <= 1:  # type: ignore[operator]
+        raise DeclarationError(f"<introspection> stop-share {format_fraction(share)} must be above 0 "  # type: ignore[arg-type]
+                               "and at most 1 (a share of wall time, such as 5%)", el.sourceline)
+    longest = out.get("max_stop_ns", DEFAULT_SPEC.max_stop_ns)
+    if not 0 < longest <= share * WINDOW_NS:  # type: ignore[operator]
+        raise DeclarationError(f"<introspection> max-stop {format_ns(longest)} must be positive and fit "  # type: ignore[arg-type]
+                               f"the stop-share of a 1s window ({format_ns(int(share * WINDOW_NS))})",  # type: ignore[operator]
+                               el.sourceline)
+    if out.get("attach_stop_ns") is not None and out["attach_stop_ns"] <= 0:  # type: ignore[operator]
+        raise DeclarationError("<introspection> attach-stop must be positive", el.sourceline)
+    return out
 
 
 def parse_element(el: etree._Element) -> Declaration:
@@ -399,6 +426,13 @@ def to_element(decl: Declaration, prefix: str = DECL_PREFIX) -> etree._Element:
         if intro.ceiling is not None:
             attrs["ceiling"] = format_fraction(intro.ceiling) if (intro.ceiling * 10**6).denominator == 1 \
                 else f"{intro.ceiling.numerator}/{intro.ceiling.denominator}"
+        if intro.stop_share is not None:
+            attrs["stop-share"] = format_fraction(intro.stop_share) if \
+                (intro.stop_share * 10**6).denominator == 1 else \
+                f"{intro.stop_share.numerator}/{intro.stop_share.denominator}"
+        for attr, value in (("max-stop", intro.max_stop_ns), ("attach-stop", intro.attach_stop_ns)):
+            if value is not None:
+                attrs[attr] = format_ns(value)
         etree.SubElement(root, _Q + "introspection", attrs)
     return root
 

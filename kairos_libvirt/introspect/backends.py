@@ -27,8 +27,12 @@ def _hmp(dom, command: str) -> str:
         raise LibvirtError(f"QEMU monitor command {command.split()[0]!r}", exc) from None
 
 
-def make(kind: str, name: str, dom, qemu_pid: int, domain_dir: str) -> Tuple[object, Optional[str]]:
-    """Return (backend, note); the note says why another backend than asked was used."""
+def make(kind: str, name: str, dom, qemu_pid: int, domain_dir: str,
+         budget: Optional[dict] = None) -> Tuple[object, Optional[str]]:
+    """Return (backend, note); the note says why another backend than asked was used.
+
+    ``budget``: the ledger entry's stop budget (``BudgetSpec.as_json``); None: the defaults.
+    """
     note = None
     if kind == "kvm-ud":
         from . import kvmud_backend
@@ -51,7 +55,26 @@ def make(kind: str, name: str, dom, qemu_pid: int, domain_dir: str) -> Tuple[obj
     def close_server() -> None:
         _hmp(dom, "gdbserver none")
 
-    return GdbstubBackend(open_server, close_server, os.path.join(domain_dir, "gdb")), note
+    def guest_memory():
+        """The guest's RAM in QEMU's process: read with the VM running (host/guestmem.py)."""
+        import libvirt
+        from ..host import guestmem
+        try:
+            ram = dom.maxMemory() * 1024
+        except libvirt.libvirtError as exc:
+            raise LibvirtError("reading the domain's memory size", exc) from None
+        layout = None
+        if ram >= guestmem.LOW_RAM_SAFE:   # RAM above the PCI hole: ask QEMU where it put it
+            try:
+                layout = guestmem.parse_mtree_ram(_hmp(dom, "info mtree -f")) or None
+            except KairosError as exc:
+                log.warning("guest memory map: %s; reading the low 2 GiB only", exc)
+        return guestmem.open_guest_ram(qemu_pid, ram, layout)
+
+    from .budget import StopBudget, spec_from_json
+    return GdbstubBackend(open_server, close_server, os.path.join(domain_dir, "gdb"),
+                          budget=StopBudget(spec_from_json(budget)),
+                          guest_memory=guest_memory), note
 
 
 def trusted_file(path: str) -> bool:

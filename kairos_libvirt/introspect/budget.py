@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Deque, Dict, Optional, Tuple
 
-__all__ = ["BudgetSpec", "StopBudget", "DEFAULT_SPEC", "WINDOW_NS"]
+__all__ = ["BudgetSpec", "StopBudget", "DEFAULT_SPEC", "WINDOW_NS", "spec_from_json"]
 
 #: The sliding window the share is measured over.
 WINDOW_NS = 1_000_000_000
@@ -74,6 +74,19 @@ class BudgetSpec:
 
 
 DEFAULT_SPEC = BudgetSpec()
+
+
+def spec_from_json(d: Optional[Dict[str, object]]) -> BudgetSpec:
+    """The spec :meth:`BudgetSpec.as_json` wrote (ledger entry); missing keys keep the defaults."""
+    if not d:
+        return DEFAULT_SPEC
+    kw: Dict[str, object] = {}
+    if d.get("stop_share") is not None:
+        kw["share"] = Fraction(str(d["stop_share"]))
+    for key in ("max_stop_ns", "attach_stop_ns", "window_ns"):
+        if d.get(key) is not None:
+            kw[key] = int(d[key])  # type: ignore[arg-type]
+    return BudgetSpec(**kw)  # type: ignore[arg-type]
 
 #: Recent stop lengths the expected length of the next stop is taken from.
 _RECENT = 16

@@ -196,6 +196,11 @@ class Introspector:
         except KairosError as exc:
             log.warning("closing the %s backend: %s", self.backend.name, exc)
 
+    def stop_counters(self) -> Dict[str, int]:
+        """The backend's stop account (introspect/budget.py) for the live state; {} without one."""
+        budget = getattr(self.backend, "budget", None)
+        return budget.report() if budget is not None else {}
+
     def _guest_memory(self):
         """The backend's stop-free physical reader, or None (noted once when the host refuses)."""
         opener = getattr(self.backend, "guest_memory", None)
