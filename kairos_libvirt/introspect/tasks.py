@@ -64,7 +64,8 @@ MAX_GAP_NS = 10 ** 10
 #: No guest RT period shorter than this is believed (GCD floor).
 MIN_PERIOD_NS = 10_000
 #: An exact GCD is believed only if the shortest gap is at most this many
-#: periods (gaps rounded to whole µs would otherwise "share" a 10 µs period).
+#: periods and the gaps' multiples lie close together (gaps rounded to some
+#: unit would otherwise "share" it as a period).
 MAX_GCD_MULTIPLE = 64
 #: A trap's own stop is estimated as the median stop-counter growth between
 #: consecutive hits (over this many); a task's gap spans some other stop when
@@ -108,8 +109,12 @@ def estimate_period(samples: List[int]) -> Optional[Tuple[int, int]]:
     if not samples:
         return None
     g = math.gcd(*samples)
-    if g >= MIN_PERIOD_NS and min(samples) <= g * MAX_GCD_MULTIPLE:
-        return g, FIT_PERMILLE
+    if g >= MIN_PERIOD_NS:
+        lo, hi = min(samples) // g, max(samples) // g
+        # A periodic program's gaps are close multiples (1, 2, 3 periods; or 34-37
+        # when starved); gaps that merely share a rounding unit spread widely.
+        if lo <= MAX_GCD_MULTIPLE and hi - lo <= max(lo, MAX_DIVISOR):
+            return g, FIT_PERMILLE
     p = _largest_divisor(min(samples), samples)
     if p is not None:
         return p, FIT_PERMILLE
@@ -315,6 +320,10 @@ class TaskModel:
     #: policy or parameters change, its believed period or busy time moves, it
     #: moves to another vCPU), and only then.
     version: int = 0
+    #: Bumps only on what the guest itself changed: a task appears or vanishes,
+    #: its policy or parameters change, it moves to another vCPU.  Not on a
+    #: belief moving.  A server that comes back with no such change is a flip.
+    structure: int = 0
     _prev_stopped: Optional[int] = field(default=None, repr=False)
     _own_stops: Deque[int] = field(default_factory=lambda: deque(maxlen=OWN_STOP_WINDOW),
                                    repr=False)
@@ -329,6 +338,7 @@ class TaskModel:
                 self.evicted += 1
                 self.version += 1
             t = self.tasks[key] = GuestTask(key)
+            self.structure += 1
         t.last_seen_ns = ev.time_ns
         if ev.tid is not None and key == ev.task_key:
             t.tid, t.comm = ev.tid, ev.comm
@@ -352,6 +362,7 @@ class TaskModel:
         if ev.kind == "exit":
             if self.tasks.pop(ev.task_key, None) is not None:
                 self.version += 1
+                self.structure += 1
                 return True
             return False
         if ev.kind == "sched":
@@ -404,6 +415,7 @@ class TaskModel:
         if policy not in ("deadline", "fifo", "rr"):
             del self.tasks[key]
             self.version += 1
+            self.structure += 1
             return True
         t.policy = policy
         if not req.keep_params:
@@ -418,6 +430,7 @@ class TaskModel:
         changed = (t.demand(), t.policy, t.priority) != before
         if changed:
             self.version += 1
+            self.structure += 1
         return changed
 
     def _sleep(self, ev: GuestEvent) -> bool:
@@ -462,6 +475,8 @@ class TaskModel:
         changed = moved or t.demand() != before
         if changed:
             self.version += 1
+        if moved:
+            self.structure += 1
         return changed
 
     def resume_sampling(self, fresh: int) -> None:
