@@ -43,9 +43,6 @@ RESAMPLE_FOR_S = 1.0
 #: Fresh samples a re-sampling window gathers before the traps go off again:
 #: enough to confirm a changed period (tasks.PERIOD_CONFIRM) in one window.
 RESAMPLE_SAMPLES = PERIOD_CONFIRM + 1
-#: Fresh samples a re-sampling window gathers before the traps go off again:
-#: enough to confirm a changed period (tasks.PERIOD_CONFIRM) in one window.
-RESAMPLE_SAMPLES = PERIOD_CONFIRM + 1
 #: A guest booting under a small reservation (or nested) can take minutes
 #: to reach its kernel; the error is in the live state meanwhile (state "waiting").
 ATTACH_TIMEOUT_S = 600.0
@@ -104,15 +101,7 @@ class Introspector:
         self._resample_at = 0.0
         self._layout_at = 0.0
         self._held = False
-        self._suppressed_seen = 0
-        #: Server changes decided by adaptation, and flips: a change back to a
-        #: server a vCPU held before with no task-set change in between (the
-        #: hysteresis makes them impossible; the counter proves it).
-        self.server_changes = 0
-        self.server_flips = 0
-        #: Per vCPU: server -> the model's structure count when the vCPU last left it.
-        self._left: Dict[int, Dict[VcpuSched, int]] = {}
-        self._suppressed_seen = 0
+        self._suppressed_seen = (0, 0)
         #: Server changes decided by adaptation, and flips: a change back to a
         #: server a vCPU held before with no task-set change in between (the
         #: hysteresis makes them impossible; the counter proves it).
@@ -333,11 +322,14 @@ class Introspector:
             return
         self.backend.counters.decoded += 1
         with self.lock:
-            # A site the backend's rate limit disarmed meanwhile missed calls:
-            # the next gap of every task spans that pause, it is no sample.
-            suppressed = getattr(self.backend.counters, "suppressed", 0)
-            if suppressed != self._suppressed_seen:
-                self._suppressed_seen = suppressed
+            # A site the backend took off meanwhile (its rate limit, or the stop
+            # budget was spent) missed calls: the next gap of every task spans
+            # that pause, it is no sample.
+            budget = getattr(self.backend, "budget", None)
+            paused = (getattr(self.backend.counters, "suppressed", 0),
+                      getattr(budget, "waits", 0))
+            if paused != self._suppressed_seen:
+                self._suppressed_seen = paused
                 if not getattr(self.backend, "cheap_traps", False):
                     self.model.note_pause()
             if self.model.apply(ev):

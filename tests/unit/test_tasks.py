@@ -396,17 +396,26 @@ def test_adaptation_counters_reach_the_live_state():
     assert back.tasks[0]["period_source"] == "abstime"
 
 
-@pytest.mark.parametrize("suppressed", [False, True])
-def test_runtime_notes_a_rate_limit_pause(monkeypatch, suppressed):
+class FakeBudget:
+    waits = 0
+
+
+@pytest.mark.parametrize("why", [None, "rate limit", "stop budget"])
+def test_runtime_notes_a_pause_the_backend_made(monkeypatch, why):
+    """The backend took the site off (rate limit, or the stop budget spent): the gap
+    across is no sample.  With no such pause the same gap is one (a control)."""
     r = Replay(monkeypatch)
+    r.be.budget = FakeBudget()
     for _ in range(12):
         r.iteration()
     t = next(iter(r.intro.model.tasks.values()))
     count = t.periods.count
     r.be.disarm(SLEEP_SITE)
-    if suppressed:
+    if why == "rate limit":
         r.be.counters.suppressed += 1
+    elif why == "stop budget":
+        r.be.budget.waits += 1
     r.advance(2_000 * MS + 1_000_000)
     r.be.arm(SLEEP_SITE)
     r.iteration()
-    assert (t.periods.count == count) == suppressed
+    assert (t.periods.count == count) == (why is not None)
