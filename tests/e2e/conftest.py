@@ -96,10 +96,10 @@ def assert_no_residue(name: str, machine_rt_before: Optional[int]) -> None:
     wait_until(lambda: agent_pid(cfg, name) is None, 10, what=f"agent of {name} to exit")
     assert not os.path.exists(os.path.join(cfg.run_dir, "domains", name)), \
         f"/run/kairos/domains/{name} left behind"
-    assert name not in Ledger(cfg).read()["domains"], f"ledger entry of {name} left behind"
+    assert name not in Ledger(cfg).read().domains, f"ledger entry of {name} left behind"
     assert not [p for p in _agent_pids() if name in " ".join(proc.cmdline(p))], \
         f"an agent process for {name} is still running"
-    if machine_rt_before is not None and not Ledger(cfg).read()["domains"]:
+    if machine_rt_before is not None and not Ledger(cfg).read().domains:
         assert machine_rt_runtime() == machine_rt_before, "machine cpu.rt_runtime_us not restored"
 
 
