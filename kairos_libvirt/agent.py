@@ -120,7 +120,8 @@ class Agent:
                                  "error": str(exc), "notes": []}
             return
         self.intro = Introspector(backend, backends.symbol_loader(intro_cfg.kernel),
-                                  dict(entry.declared), dict(intro_cfg.ceilings))
+                                  dict(entry.declared), dict(intro_cfg.ceilings),
+                                  enforcement_ns=self.ledger.enforcement().granularity_ns)
         if note:
             self.intro.status.notes.append(note)
             log.warning("%s", note)

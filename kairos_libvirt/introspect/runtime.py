@@ -75,8 +75,10 @@ class Status:
 class Introspector:
     def __init__(self, backend, load_symbols: Callable[[Callable[[int, int], bytes]], object],
                  declared: Mapping[int, VcpuSched], ceilings: Mapping[int, Fraction],
-                 overhead_ns: int = _adapt.DEFAULT_OVERHEAD_NS) -> None:
+                 overhead_ns: int = _adapt.DEFAULT_OVERHEAD_NS, enforcement_ns: int = 0) -> None:
         self.backend = backend
+        #: The host's enforcement granularity: servers are sized for it (analysis.enforcement).
+        self.enforcement_ns = enforcement_ns
         self.load_symbols = load_symbols
         self.declared = dict(declared)
         self.ceilings = dict(ceilings)
@@ -421,7 +423,8 @@ class Introspector:
                 now - self._last_change >= DEBOUNCE_S or now - self._dirty_since >= MAX_DELAY_S)
             if self._analysed_version == -1 or (due and self.model.version !=
                                                 self._analysed_version):
-                new = _adapt.adapt(self.model, self.declared, self.ceilings, self.overhead_ns)
+                new = _adapt.adapt(self.model, self.declared, self.ceilings, self.overhead_ns,
+                                   enforcement_ns=self.enforcement_ns)
                 self._count_changes(self._adapted, new)
                 self._adapted = new
                 self._analysed_version = self.model.version
