@@ -113,7 +113,8 @@ class Agent:
         assert intro_cfg is not None
         try:
             backend, note = backends.make(intro_cfg.backend, self.name, self.dom, pid,
-                                          paths.domain_dir(self.cfg, self.name))
+                                          paths.domain_dir(self.cfg, self.name),
+                                          budget=intro_cfg.budget)
         except KairosError as exc:
             log.error("introspection unavailable: %s; the declared reservation stays", exc)
             self.intro_status = {"backend": intro_cfg.backend, "state": "failed",

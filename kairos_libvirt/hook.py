@@ -119,7 +119,8 @@ def _introspection_entry(info: DomainInfo, scheds: Dict[int, VcpuSched]) -> Intr
     assert decl is not None
     return IntrospectionSettings(backend=decl.introspection.backend,
                                  ceilings={v: decl.ceiling_for(s) for v, s in scheds.items()},
-                                 kernel=info.kernel)
+                                 kernel=info.kernel,
+                                 budget=decl.introspection.budget_json() or None)
 
 
 def reconnect(cfg: _config.HostConfig, name: str, xml: bytes) -> None:

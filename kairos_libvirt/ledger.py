@@ -61,18 +61,19 @@ class IntrospectionSettings:
     backend: str
     ceilings: Dict[int, Fraction] = field(default_factory=dict)
     kernel: Optional[str] = None
-    #: Further per-domain settings of the declaration (name → text), as parsed.
-    options: Dict[str, str] = field(default_factory=dict)
+    #: The declared stop budget (:func:`.introspect.budget.spec_from_json` reads it);
+    #: None: the defaults.
+    budget: Optional[dict] = None
 
     def to_json(self) -> dict:
-        return {"backend": self.backend, "kernel": self.kernel, "options": dict(self.options),
+        return {"backend": self.backend, "kernel": self.kernel, "budget": self.budget,
                 "ceilings": {str(k): str(v) for k, v in sorted(self.ceilings.items())}}
 
     @classmethod
     def from_json(cls, d: dict) -> "IntrospectionSettings":
         return cls(backend=d.get("backend", "off"), kernel=d.get("kernel"),
                    ceilings={int(k): Fraction(v) for k, v in (d.get("ceilings") or {}).items()},
-                   options=dict(d.get("options") or {}))
+                   budget=d.get("budget"))
 
 
 @dataclass

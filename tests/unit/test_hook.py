@@ -114,3 +114,13 @@ def test_reconnect_records_a_running_domain_even_over_capacity(env, monkeypatch)
     e = ledger(env)["b"]
     assert e["granted"] == e["vcpus"] and e["introspection"]["backend"] == "off"
     assert spawned == ["b"] and (env / "domains" / "b").is_dir()
+
+
+def test_the_declared_stop_budget_reaches_the_ledger_entry(env):
+    xml = dom("a").decode().replace(
+        "</k:realtime>", "<k:introspection backend='gdbstub' stop-share='2%' max-stop='8ms'/>"
+                         "</k:realtime>")
+    assert hook.main(["a", "prepare", "begin", "-"], stdin=xml.encode()) == 0
+    e = ledger(env)["a"]["introspection"]
+    assert e["backend"] == "gdbstub"
+    assert e["budget"]["max_stop_ns"] == 8_000_000 and e["budget"]["stop_share"] in ("1/50", "0.02")
