@@ -85,6 +85,10 @@ class Facts:
     kvm_patch: Optional[str] = None
     tuned_installed: bool = False
     tuned_profile: Optional[str] = None
+    #: The longest a SCHED_DEADLINE server can overrun its runtime (host/tick.py), and how
+    #: that was found; None when not probed.
+    enforcement_ns: Optional[int] = None
+    enforcement_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,32 @@ def check_deadline(f: Facts) -> Result:
                       "fails, the vCPU threads will fail the same way")
     return Result(name, FAIL, f"{why} ({p.message}): this kernel cannot run SCHED_DEADLINE "
                   "threads", "boot a kernel with SCHED_DEADLINE (mainline since 3.14)")
+
+
+#: At or below this the overrun is the hrtimer's slack, not a tick.
+FINE_ENFORCEMENT_NS = 200_000
+
+
+def check_enforcement(f: Facts) -> Result:
+    """SCHED_DEADLINE budget enforcement: at the tick, or at the hrtick (HRTICK_DL)."""
+    name = "dl-enforcement"
+    g = f.enforcement_ns
+    if g is None:
+        return Result(name, WARN, "not probed", "run 'kairosvm check' without --no-probe")
+    if g <= FINE_ENFORCEMENT_NS:
+        return Result(name, OK, f"budgets are enforced within {g // 1000}us "
+                      f"({f.enforcement_source})")
+    return Result(
+        name, WARN,
+        f"SCHED_DEADLINE notices an exhausted runtime only at the next tick: a vCPU server "
+        f"can overrun by up to {g / 1e6:g} ms and then skips periods to repay it "
+        f"({f.enforcement_source}). kairos sizes and admits servers for that overrun, which "
+        f"costs bandwidth and leaves guest tasks due within about two ticks without any "
+        f"guarantee",
+        "switch HRTICK_DL on (echo HRTICK_DL > /sys/kernel/debug/sched/features; needs "
+        "debugfs and no kernel lockdown; not persistent, so repeat it at boot), or boot a "
+        "kernel with CONFIG_HZ=1000; then remove /run/kairos/enforcement.json (the figure "
+        "is kept per boot) and restart the real-time domains")
 
 
 def check_preempt(f: Facts) -> Result:
@@ -311,7 +341,7 @@ def check_tuned(f: Facts) -> Optional[Result]:
 
 CHECKS: List[Callable[[Facts], Optional[Result]]] = [
     check_libvirt, check_hook, check_cgroup, check_rt_group_sched, check_rt_runtime,
-    check_deadline, check_preempt, check_isolcpus, check_nohz_full, check_rcu_nocbs,
+    check_deadline, check_enforcement, check_preempt, check_isolcpus, check_nohz_full, check_rcu_nocbs,
     check_governor, check_smt, check_kvm, check_tuned,
 ]
 
@@ -468,6 +498,17 @@ def _governors(base: str = "/sys/devices/system/cpu") -> Dict[int, str]:
     return dict(sorted(out.items()))
 
 
+def _enforcement_facts(probe: bool) -> Dict[str, object]:
+    from . import config
+    from .errors import KairosError
+    from .host import tick
+    try:
+        e = tick.enforcement(config.load(), measure=probe)
+    except (KairosError, OSError):
+        return {}
+    return {"enforcement_ns": e.granularity_ns, "enforcement_source": e.source}
+
+
 def gather(probe: bool = True) -> Facts:
     """Read the host.  ``probe`` runs the SCHED_DEADLINE scratch-thread probe."""
     from . import install
@@ -485,6 +526,7 @@ def gather(probe: bool = True) -> Facts:
         sched_rt_runtime_us=_read_int("/proc/sys/kernel/sched_rt_runtime_us"),
         sched_rt_period_us=_read_int("/proc/sys/kernel/sched_rt_period_us"),
         deadline=probe_deadline() if probe else None,
+        **_enforcement_facts(probe),  # type: ignore[arg-type]
         cmdline=(read_text("/proc/cmdline") or "").strip() or None,
         kernel_release=os.uname().release,
         kernel_version=os.uname().version,

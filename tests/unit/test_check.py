@@ -39,7 +39,8 @@ def fake_facts(**changes) -> Facts:
         hook_path="/etc/libvirt/hooks/qemu.d/kairosvm", hook_installed=True,
         hook_python="/usr/bin/python3", hook_python_ok=True, kvm_device=True,
         kvm_patch="/sys/module/kvm/parameters/kairos_ud = Y", tuned_installed=True,
-        tuned_profile="realtime-virtual-host")
+        tuned_profile="realtime-virtual-host", enforcement_ns=50_000,
+        enforcement_source="HRTICK_DL on (CONFIG_HZ=250)")
     return dataclasses.replace(healthy, **changes)
 
 
@@ -55,7 +56,7 @@ def test_a_healthy_fake_host_is_all_ok():
     assert check.exit_code(results) == 0
     assert {r.check for r in results} == {
         "libvirt", "hook", "cgroup", "rt-group-sched", "sched_rt_runtime_us", "sched-deadline",
-        "kernel-preempt", "isolcpus", "nohz_full", "rcu_nocbs", "cpufreq-governor", "smt",
+        "dl-enforcement", "kernel-preempt", "isolcpus", "nohz_full", "rcu_nocbs", "cpufreq-governor", "smt",
         "kvm", "tuned"}
 
 
@@ -69,6 +70,9 @@ def test_a_healthy_fake_host_is_all_ok():
     (dict(sched_rt_runtime_us=-1), "sched_rt_runtime_us", WARN, "RT throttling is off"),
     (dict(sched_rt_runtime_us=0), "sched_rt_runtime_us", FAIL, "no real-time bandwidth"),
     (dict(deadline=None), "sched-deadline", WARN, "not probed"),
+    (dict(enforcement_ns=None), "dl-enforcement", WARN, "not probed"),
+    (dict(enforcement_ns=4_000_000, enforcement_source="tick: CONFIG_HZ=250, HRTICK_DL off"),
+     "dl-enforcement", WARN, "overrun by up to 4 ms"),
     (dict(deadline=DeadlineProbe(ok=False, errno=errno.EBUSY)), "sched-deadline", WARN,
      "no deadline bandwidth is free"),
     (dict(deadline=DeadlineProbe(ok=False, errno=errno.EPERM), euid=1000), "sched-deadline",
@@ -127,7 +131,7 @@ def test_text_report_and_exit_code():
 def test_json_has_results_summary_and_facts():
     facts = fake_facts(kvm_patch=None)
     doc = json.loads(json.dumps(check.to_json(facts, check.evaluate(facts))))
-    assert doc["summary"] == {"OK": 13, "WARN": 1, "FAIL": 0}
+    assert doc["summary"] == {"OK": 14, "WARN": 1, "FAIL": 0}
     kvm = next(r for r in doc["results"] if r["check"] == "kvm")
     assert kvm["status"] == "WARN" and kvm["fix"]
     assert doc["facts"]["deadline"]["ok"] is True and doc["facts"]["governors"]["0"] == \
@@ -322,3 +326,9 @@ def test_operator_option_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         cli.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_tick_enforcement_names_both_fixes():
+    r = result(fake_facts(enforcement_ns=4_000_000, enforcement_source="tick"), "dl-enforcement")
+    assert "echo HRTICK_DL > /sys/kernel/debug/sched/features" in r.fix
+    assert "CONFIG_HZ=1000" in r.fix and "enforcement.json" in r.fix
