@@ -149,6 +149,8 @@ class Agent:
                     log.info("vCPU %d: %s reservation %s%s", vid, a.source, _describe(a.sched),
                              f" ({a.note})" if a.note else "")
                 except AdmissionError as exc:
+                    log.warning("vCPU %d: %s reservation %s refused by admission; the current "
+                                "grant stays: %s", vid, a.source, _describe(a.sched), exc)
                     self.errors.pop(vid, None)
                     self.adapted[vid] = type(a)(a.vcpu, a.sched, a.source, a.budget_ns,
                                                 a.period_ns, a.deadline_ns, True,
