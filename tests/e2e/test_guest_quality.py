@@ -21,8 +21,11 @@ import time
 
 import pytest
 
+from kairos_libvirt import analysis, config
 from kairos_libvirt.host import proc, sched
 from kairos_libvirt.introspect import runtime
+from kairos_libvirt.introspect.adapt import DEFAULT_OVERHEAD_NS
+from kairos_libvirt.ledger import Ledger
 from kairos_libvirt.state import from_xml
 
 from .conftest import live_state, qemu_pid, status_json, virsh, wait_until
@@ -102,14 +105,22 @@ def test_cyclictest_under_load_period_learnt_no_long_server_no_flip(domains, hos
     # Every belief on the way was 4 ms too (a wrong one needs evidence it cannot have).
     assert all(abs(p - PERIOD_NS) * 20 <= PERIOD_NS for p, _, _ in seen), seen
 
-    # The declared 2 ms/10 ms can leave the vCPU 16 ms without supply: the analysed
-    # server replaces it.
+    # The declared 2 ms/10 ms can leave the vCPU 16 ms without supply.  Where the host
+    # can supply a server that meets a 4 ms task, the analysed server replaces it; on a
+    # host that enforces budgets at a 4 ms tick none can (analysis/enforcement.py), and
+    # the declaration stays: never worse than declared.
     tid = proc.vcpu_threads(qemu_pid(name))[0]
+    g = Ledger(config.load()).enforcement().granularity_ns
+    demand = analysis.Task("cyclictest", PERIOD_NS // 10, PERIOD_NS, PERIOD_NS, priority=80,
+                           scheduler="fp")
+    possible = analysis.interface_for([demand], vcpus=1, overhead_ns=DEFAULT_OVERHEAD_NS,
+                                      enforcement_ns=g).servers[0].schedulable
 
     def adapted():
         st = state(name)
         return st if st.vcpus[0].source == "introspection" and st.vcpus[0].enforced else None
-    wait_until(adapted, 60, 0.5, "the analysed server in force")
+    if possible:
+        wait_until(adapted, 60, 0.5, "the analysed server in force")
 
     # 2. and 3. Observe through several re-sampling rounds.
     doc0 = status_json(name)
@@ -125,16 +136,23 @@ def test_cyclictest_under_load_period_learnt_no_long_server_no_flip(domains, hos
         if st.vcpus[0].source == "introspection" and k.policy == "deadline":
             granted.add((k.runtime_ns, k.deadline_ns, k.period_ns))
             assert shortest is not None and k.period_ns <= shortest, (k, st.tasks)
+            assert k.runtime_ns + g <= k.deadline_ns, (k, g)  # room for the host's overrun
+        if not possible:
+            assert (k.runtime_ns, k.deadline_ns, k.period_ns) == (2_000_000, 10_000_000,
+                                                                   10_000_000), k
         time.sleep(0.5)
     doc = status_json(name)
     intro = doc["introspection"]
     tasks1 = {(x["key"], x["policy"], x["priority"], x["observed_period_ns"])
               for x in doc["guest_tasks"]}
     assert intro["server_flips"] == 0, intro
-    assert intro["server_changes"] >= 1, intro
     if tasks1 == tasks0:
         # Same task set all along (re-sampling ran meanwhile): the server never moved.
         assert intro["server_changes"] == changes0, (intro, granted)
         assert len(granted) <= 1, granted
-    assert granted, "no introspection server was read back from the kernel"
+    if possible:
+        assert intro["server_changes"] >= 1, intro
+        assert granted, "no introspection server was read back from the kernel"
+    else:
+        assert not granted and intro["server_changes"] == 0, (intro, granted)
     assert intro["hits"] > 0
