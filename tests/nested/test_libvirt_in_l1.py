@@ -29,6 +29,13 @@ def test_virsh_start_runs_the_hook_and_admits_the_domain(lv: dict) -> None:
     assert (g["policy"], g["runtime_ns"], g["period_ns"]) == ("deadline", 1_500_000, 10_000_000)
 
 
+def test_l1_enforces_deadline_budgets_with_hrtick_and_admission_knows_it(lv: dict) -> None:
+    # The fix `kairosvm check` names on a tick-enforced host, applied in L1 (no lockdown).
+    assert lv["hrtick_dl"] is True, lv["hrtick_dl"]
+    led = lv["ledger_running"]
+    assert led["enforcement_ns"] <= 200_000 and "HRTICK_DL on" in led["enforcement"], led
+
+
 def test_agent_introspects_with_kvm_ud_not_the_fallback(lv: dict) -> None:
     for i in (lv["introspection"], lv["introspection_end"], lv["status_end"]["introspection"]):
         assert i["backend"] == "kvm-ud" and i["state"] == "running" and i["error"] is None, i
