@@ -109,7 +109,15 @@ def adapt(model: TaskModel, declared: Mapping[int, VcpuSched],
                                server.deadline_ns, False, "the declared reservation "
                                "meets every guest deadline", names)
             continue
-        sched, capped, note = _candidate(server, base, ceilings[vid])
+        cand = _candidate(server, base, ceilings[vid], enforcement_ns)
+        if cand is None:
+            out[vid] = Adapted(vid, base, "declared", server.budget_ns, server.period_ns,
+                               server.deadline_ns, True,
+                               f"the analysed server with the declared bandwidth leaves no room "
+                               f"for the host's {enforcement_ns} ns enforcement overrun: the "
+                               "declaration stays", names)
+            continue
+        sched, capped, note = cand
         shortest = min(t.deadline_ns for t in mine)
         if sched.period_ns > shortest:
             out[vid] = Adapted(vid, base, "declared", server.budget_ns, server.period_ns,
@@ -134,8 +142,14 @@ def adapt(model: TaskModel, declared: Mapping[int, VcpuSched],
     return out
 
 
-def _candidate(server: analysis.ServerInterface, base: VcpuSched, ceiling: Fraction):
-    """The analysed server as a reservation: at least the declared bandwidth, at most the ceiling."""
+def _candidate(server: analysis.ServerInterface, base: VcpuSched, ceiling: Fraction,
+               enforcement_ns: int = 0):
+    """The analysed server as a reservation: at least the declared bandwidth, at most the ceiling.
+
+    A SCHED_DEADLINE reservation keeps room for the host's overrun before its
+    deadline (runtime + g <= deadline, what admission requires); None when the
+    floor or the ceiling leave none.
+    """
     runtime, period = server.runtime_ns, server.period_ns
     deadline = server.deadline_ns
     capped, note = False, ""
@@ -154,10 +168,13 @@ def _candidate(server: analysis.ServerInterface, base: VcpuSched, ceiling: Fract
         floor = int(exact // GRANULARITY_NS) * GRANULARITY_NS
     runtime = min(max(runtime, floor), period)
     runtime = max(runtime, 1024)
+    if base.policy == "deadline":
+        if runtime + enforcement_ns > period:
+            return None
+        deadline = max(deadline, runtime + enforcement_ns)
+        return VcpuSched("deadline", runtime, period, deadline_ns=deadline), capped, note
     if runtime > deadline:
         deadline = runtime
-    if base.policy == "deadline":
-        return VcpuSched("deadline", runtime, period, deadline_ns=deadline), capped, note
     # RT-group vCPU: the budget per period bounds it; priority stays the admin's.
     return (VcpuSched(base.policy, min(-(-runtime // 1000) * 1000, period), period,
                       priority=base.priority), capped, note)

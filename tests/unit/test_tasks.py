@@ -419,3 +419,16 @@ def test_runtime_notes_a_pause_the_backend_made(monkeypatch, why):
     r.be.arm(SLEEP_SITE)
     r.iteration()
     assert (t.periods.count == count) == (why is not None)
+
+
+def test_adapted_deadline_servers_keep_room_for_the_hosts_overrun():
+    """Raised to the declared floor, the server's deadline moves out so runtime + g still fits."""
+    g = 4_000_000
+    s = analysis.interface_for([analysis.Task("t", 2_000_000, 50_000_000)], vcpus=1,
+                               overhead_ns=20_000, enforcement_ns=g).servers[0]
+    base = VcpuSched("deadline", 9 * s.period_ns // 10, s.period_ns)  # a 0.9 floor
+    assert adapt_mod._candidate(s, base, Fraction(1), g) is None  # 0.9 Π + g > Π
+    base = VcpuSched("deadline", s.period_ns // 2, s.period_ns)
+    sched, _, _ = adapt_mod._candidate(s, base, Fraction(1), g)
+    assert sched.runtime_ns >= s.period_ns // 2
+    assert sched.runtime_ns + g <= sched.deadline_ns <= sched.period_ns
