@@ -15,10 +15,21 @@
  * SCHED_OTHER would leak its bandwidth from the kernel's admission total
  * (DESIGN.md §2), an exiting one returns it.
  *
- * OUT, text: one header line of key=value pairs, then "start end" per gap in
- * ns relative to the first reading.  The kernel's own accounting is in the
- * header too: sum_exec_runtime (/proc/thread-self/schedstat) and context
- * switches (/proc/thread-self/status) over the spin.
+ * OUT, text: one header line of key=value pairs, then one line per gap:
+ * "start end switches cpu" (ns relative to the first reading).  At the end
+ * of every gap the thread reads its context-switch count (getrusage
+ * RUSAGE_THREAD, which does not account the deadline runtime) and its CPU
+ * (getcpu, vDSO), so every gap is a switch (switches > 0: the scheduler took
+ * the CPU) or an interruption (an interrupt, or time the hypervisor stole,
+ * while the thread stayed current).  A switch that happens inside that read
+ * (the tick throttles the thread at the syscall's exit) is counted after the
+ * read, so it lands on the gap that holds it.  The thread does NOT read its
+ * CPU clock per gap: CLOCK_THREAD_CPUTIME_ID and /proc/.../schedstat run
+ * update_curr(), which enforces the deadline runtime right there and would
+ * cut the tick's overrun short (measured: a throttle inside the read).  The
+ * kernel's totals (sum_exec_runtime from /proc/thread-self/schedstat,
+ * context switches from /proc/thread-self/status) over the spin are in the
+ * header.
  *
  * hog: a SCHED_OTHER busy loop pinned to CPU, for background load.
  *
@@ -35,6 +46,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -114,6 +126,14 @@ static void ctxsw(long long *vol, long long *invol)
 	fclose(f);
 }
 
+static inline int64_t nsw(void)
+{
+	struct rusage ru;
+	if (getrusage(RUSAGE_THREAD, &ru))
+		return -1;
+	return (int64_t)ru.ru_nvcsw + ru.ru_nivcsw;
+}
+
 static int hog(int argc, char **argv)
 {
 	if (argc != 3) {
@@ -150,13 +170,14 @@ int main(int argc, char **argv)
 
 	/* Room for one gap every 5 us, allocated and touched before the run so
 	 * that no page fault lands inside it. */
+	enum { W = 4 }; /* start, end, switches, cpu */
 	size_t cap = (size_t)(duration / 5000) + 4096;
-	int64_t *buf = malloc(cap * 2 * sizeof *buf);
+	int64_t *buf = malloc(cap * W * sizeof *buf);
 	if (!buf) {
 		printf("ERR malloc %d %s\n", ENOMEM, strerror(ENOMEM));
 		return 2;
 	}
-	memset(buf, 0, cap * 2 * sizeof *buf);
+	memset(buf, 0, cap * W * sizeof *buf);
 	mlockall(MCL_CURRENT | MCL_FUTURE); /* best effort */
 
 	if (argc == 9 && pin((int)parse_i64(argv[8], "CPU")))
@@ -185,14 +206,19 @@ int main(int argc, char **argv)
 	size_t n = 0;
 	int overflow = 0;
 	long long small_n = 0, small_sum = 0, small_max = 0;
+	int64_t s_prev = nsw();
 	int64_t t0 = now_ns(), last = t0, end = t0 + duration, t;
 	do {
 		t = now_ns();
 		int64_t d = t - last;
 		if (d > gap) {
 			if (n < cap) {
-				buf[2 * n] = last - t0;
-				buf[2 * n + 1] = t - t0;
+				int64_t sw = nsw();
+				buf[W * n] = last - t0;
+				buf[W * n + 1] = t - t0;
+				buf[W * n + 2] = sw - s_prev;
+				buf[W * n + 3] = sched_getcpu();
+				s_prev = sw;
 				n++;
 			} else {
 				overflow = 1;
@@ -207,6 +233,7 @@ int main(int argc, char **argv)
 		last = t;
 	} while (t < end);
 	int64_t span = last - t0;
+	int64_t tail_switches = nsw() - s_prev;
 
 	long long exec1 = exec_ns();
 	ctxsw(&vol1, &inv1);
@@ -218,14 +245,16 @@ int main(int argc, char **argv)
 	}
 	fprintf(f, "runtime_ns=%lld deadline_ns=%lld period_ns=%lld span_ns=%lld gap_ns=%lld "
 		"gaps=%zu overflow=%d small_n=%lld small_sum_ns=%lld small_max_ns=%lld "
-		"exec_ns=%lld voluntary=%lld involuntary=%lld\n",
+		"exec_ns=%lld voluntary=%lld involuntary=%lld tail_switches=%lld\n",
 		(long long)runtime, (long long)deadline, (long long)period, (long long)span,
 		(long long)gap, n, overflow, small_n, small_sum, small_max,
 		(exec0 >= 0 && exec1 >= 0) ? exec1 - exec0 : -1LL,
 		(vol0 >= 0 && vol1 >= 0) ? vol1 - vol0 : -1LL,
-		(inv0 >= 0 && inv1 >= 0) ? inv1 - inv0 : -1LL);
+		(inv0 >= 0 && inv1 >= 0) ? inv1 - inv0 : -1LL, (long long)tail_switches);
 	for (size_t i = 0; i < n; i++)
-		fprintf(f, "%lld %lld\n", (long long)buf[2 * i], (long long)buf[2 * i + 1]);
+		fprintf(f, "%lld %lld %lld %lld\n", (long long)buf[W * i],
+			(long long)buf[W * i + 1], (long long)buf[W * i + 2],
+			(long long)buf[W * i + 3]);
 	if (fclose(f)) {
 		printf("ERR write %d %s\n", errno, strerror(errno));
 		return 2;

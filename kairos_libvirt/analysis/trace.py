@@ -17,8 +17,12 @@ on-CPU run), and checking those starts is exact.
 
 Gaps are of two kinds: the scheduler took the CPU away (a context switch,
 which the kernel counts) or an interrupt or the hypervisor stole it while the
-thread stayed current.  :func:`split_switches` separates them with the
-kernel's own count of context switches.  Integers only (ns).
+thread stayed current (an *interruption*).  greedy.c reads the thread's switch
+count at the end of every gap, so :func:`split_flags` separates them exactly;
+:func:`split_switches` (the N longest gaps, N the kernel's total) is the
+fallback for traces without it.  :func:`squeeze` takes the interruptions out
+of the time axis: the scheduler's time, in which the host scheduler is judged
+(it neither made nor could prevent them).  Integers only (ns).
 """
 from __future__ import annotations
 
@@ -121,6 +125,34 @@ def split_switches(trace: Trace, switches: int) -> Tuple[Trace, Trace]:
     return Trace(trace.span_ns, sw), Trace(trace.span_ns, rest)
 
 
+def split_flags(trace: Trace, switches: Sequence[int]) -> Tuple[Trace, Trace]:
+    """(gaps holding a context switch, the rest), from the per-gap switch counts greedy.c reads."""
+    if len(switches) != len(trace.gaps):
+        raise AnalysisError(f"{len(switches)} switch counts for {len(trace.gaps)} gaps")
+    sw = tuple(g for g, n in zip(trace.gaps, switches) if n > 0)
+    rest = tuple(g for g, n in zip(trace.gaps, switches) if n <= 0)
+    return Trace(trace.span_ns, sw), Trace(trace.span_ns, rest)
+
+
+def squeeze(kept: Trace, removed: Trace) -> Trace:
+    """``kept``'s gaps on a time axis from which ``removed``'s gaps are cut out.
+
+    Both traces come from one trace split in two (their gaps are disjoint):
+    the result is the trace as it would read had the removed time never
+    passed, so a window of t there is t of time the scheduler had.
+    """
+    if kept.span_ns != removed.span_ns:
+        raise AnalysisError(f"squeeze: spans {kept.span_ns} and {removed.span_ns} ns differ")
+    cut = removed.span_ns - removed.on_ns
+    out = []
+    for a, b in kept.gaps:
+        ca, cb = removed.off_before(a), removed.off_before(b)
+        if cb != ca:
+            raise AnalysisError(f"squeeze: gap ({a}, {b}) overlaps a removed gap")
+        out.append((a - ca, b - ca))
+    return Trace(kept.span_ns - cut, tuple(out))
+
+
 @dataclass(frozen=True)
 class Violations:
     """Where a trace's least supply fell below a model curve by more than the tolerance."""
@@ -172,20 +204,31 @@ def window_grid(longest_ns: int, span_ns: int, n: int = 120) -> List[int]:
 
 
 def parse_greedy(text: str) -> Tuple[dict, Trace]:
-    """Header (key=int) and trace from the output of ``bench/supply.d/greedy.c``."""
+    """Header (key=int) and trace from the output of ``bench/supply.d/greedy.c``.
+
+    Gap lines are "start end" or "start end switches cpu"; with the latter,
+    the header gets ``gap_switches`` and ``gap_cpus`` (tuples, one per gap).
+    """
     lines = text.splitlines()
     if not lines:
         raise AnalysisError("greedy trace is empty")
     try:
         head = {k: int(v) for k, v in (f.split("=", 1) for f in lines[0].split())}
-        gaps = tuple((int(a), int(b)) for a, b in (ln.split() for ln in lines[1:] if ln.strip()))
+        rows = [tuple(int(x) for x in ln.split()) for ln in lines[1:] if ln.strip()]
     except ValueError as exc:
         raise AnalysisError(f"greedy trace: not the format greedy.c writes ({exc})") from None
-    if "span_ns" not in head or head.get("gaps") != len(gaps):
+    widths = {len(r) for r in rows}
+    if not widths <= {2} and widths != {4}:
+        raise AnalysisError(f"greedy trace: gap lines of {sorted(widths)} fields; greedy.c "
+                            "writes 2 or 4")
+    if "span_ns" not in head or head.get("gaps") != len(rows):
         raise AnalysisError("greedy trace: header has no span_ns or its gap count is wrong "
                             "(a truncated file?)")
-    return head, Trace(head["span_ns"], gaps)
+    if widths == {4}:
+        head["gap_switches"] = tuple(r[2] for r in rows)
+        head["gap_cpus"] = tuple(r[3] for r in rows)
+    return head, Trace(head["span_ns"], tuple((r[0], r[1]) for r in rows))
 
 
-__all__ = ["Trace", "Gap", "Violations", "split_switches", "compare", "window_grid",
-           "parse_greedy"]
+__all__ = ["Trace", "Gap", "Violations", "split_switches", "split_flags", "squeeze", "compare",
+           "window_grid", "parse_greedy"]

@@ -6,8 +6,8 @@ import random
 import pytest
 
 from kairos_libvirt.analysis.supply import sbf
-from kairos_libvirt.analysis.trace import (Trace, compare, parse_greedy, split_switches,
-                                           window_grid)
+from kairos_libvirt.analysis.trace import (Trace, compare, parse_greedy, split_flags,
+                                           split_switches, squeeze, window_grid)
 from kairos_libvirt.errors import AnalysisError
 
 
@@ -115,3 +115,27 @@ def test_window_grid_is_sorted_and_bounded():
     g = window_grid(30_000_000, 10_000_000_000, 100)
     assert g == sorted(set(g)) and g[0] > 0 and g[-1] <= 5_000_000_000
     assert 30_000_000 in g
+
+
+def test_parse_greedy_per_gap_switches_and_split():
+    text = ("span_ns=100 gaps=3 exec_ns=50 voluntary=0 involuntary=1\n"
+            "10 20 0 1\n30 60 1 0\n70 72 0 0\n")
+    head, tr = parse_greedy(text)
+    assert head["gap_switches"] == (0, 1, 0) and head["gap_cpus"] == (1, 0, 0)
+    sw, irq = split_flags(tr, head["gap_switches"])
+    assert sw.gaps == ((30, 60),) and irq.gaps == ((10, 20), (70, 72))
+    with pytest.raises(AnalysisError):
+        split_flags(tr, (1,))
+    with pytest.raises(AnalysisError):
+        parse_greedy("span_ns=100 gaps=2\n10 20 0 1\n30 40\n")  # mixed widths
+
+
+def test_squeeze_cuts_interruptions_out_of_the_time_axis():
+    sw = Trace(100, ((30, 60),))
+    irq = Trace(100, ((10, 20), (70, 72)))
+    s = squeeze(sw, irq)
+    assert s.span_ns == 88 and s.gaps == ((20, 50),)
+    assert s.on_ns == sw.on_ns - 12  # the interruptions are neither time nor supply
+    with pytest.raises(AnalysisError):
+        squeeze(Trace(100, ((15, 40),)), irq)  # overlaps a removed gap
+
