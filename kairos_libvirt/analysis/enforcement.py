@@ -24,8 +24,26 @@ enforcement granularity g (the worst overrun):
    consumed at least kR (the debt only carries excess), while at the start of
    a period it can have consumed at most the EDP's most plus g.  The supply
    in any window is therefore at least sbf_EDP(t) − g.
-   The guest analysis uses exactly that: EDP(Π, Θ, Δ) with a loss g
-   (:mod:`.supply`, ``loss``), the same exact tests otherwise.
+   **Corrected (bench/supply, 2026-12-01): that holds only for R ≥ g.**  The
+   debt d < g left at a throttle is repaid by j = ⌊d/R⌋ + 1 budgets at the
+   next replenishment (``replenish_dl_entity`` adds periods while the runtime
+   is not positive), all granted at once at the next activation a = pΠ, with
+   the deadline moved (j − 1) periods on.  The thread has then consumed
+   pR + d, and its chunk runs jR − d + d' (d' < g the new overrun): by its
+   end it has consumed (p + j)R + d', while the EDP may have consumed at most
+   (p + 1)R by then.  So the thread runs ahead of the EDP's most by up to
+   (j − 1)R + d' < R(⌈g/R⌉ − 1) + g, not g; and under contention EDF may
+   place the following chunks as late as their deadlines allow, which turns
+   that lead into a shortfall.  The lower side is unchanged (every deadline
+   met, consumption 1-Lipschitz).  Hence the supply is at least
+
+       sbf_EDP(t) − L(R),   L(R) = g + R·(⌈g/R⌉ − 1)   (= g when R ≥ g)
+
+   A simulation of the kernel's rule (chunks placed early or as late as
+   their postponed deadlines allow, overruns in [0, g)) reaches L(R) − g
+   below sbf − g exactly (2/10/10 ms: 2 ms; 1/10/10 ms: 3 ms; 3/10/20 ms:
+   3 ms) and never falls below sbf − L(R).  :meth:`Enforcement.loss_ns`
+   is L(R); the guest analysis must use it (or keep Θ ≥ g, where it is g).
 
 With HRTICK_DL on, g is the hrtimer's slack (tens of µs); with g = 0 the
 model is the plain EDP.  docs/analysis.md has the derivation at length and
@@ -61,20 +79,27 @@ class Enforcement:
         """Longest execution of one period's chunk: the runtime plus one overrun."""
         return runtime_ns + self.granularity_ns
 
+    def loss_ns(self, runtime_ns: int) -> int:
+        """What the guest loses against the plain EDP: g + R·(⌈g/R⌉ − 1), g when R ≥ g."""
+        g = self.granularity_ns
+        if g == 0 or runtime_ns >= g:
+            return g
+        return g + runtime_ns * (-(-g // runtime_ns) - 1)
+
     def suppliable(self, runtime_ns: int, deadline_ns: int) -> bool:
         """Can a chunk (runtime + overrun) fit before the deadline at all?"""
         return self.chunk_ns(runtime_ns) <= deadline_ns
 
     def supply(self, period_ns: int, budget_ns: int, deadline_ns: int) -> EDP:
-        """The supply model the guest may assume of this server: EDP less one overrun.
+        """The supply model the guest may assume of this server: EDP less :meth:`loss_ns`.
 
         Valid only when the host-level test passes (every chunk meets its deadline).
         """
-        return EDP(period_ns, budget_ns, deadline_ns, self.granularity_ns)
+        return EDP(period_ns, budget_ns, deadline_ns, self.loss_ns(budget_ns))
 
     def delivered_sbf(self, t: int, period_ns: int, budget_ns: int, deadline_ns: int) -> int:
         """Least supply in any window of ``t`` that the analysis assumes the host delivers."""
-        return sbf(t, period_ns, budget_ns, deadline_ns, self.granularity_ns)
+        return sbf(t, period_ns, budget_ns, deadline_ns, self.loss_ns(budget_ns))
 
 
 #: The model of a host that enforces budgets exactly (HRTICK_DL with no slack): the plain EDP.

@@ -139,3 +139,42 @@ def test_squeeze_cuts_interruptions_out_of_the_time_axis():
     with pytest.raises(AnalysisError):
         squeeze(Trace(100, ((15, 40),)), irq)  # overlaps a removed gap
 
+
+
+def _tick_enforced(R: int, D: int, P: int, g: int, span: int, rng: random.Random) -> Trace:
+    """The kernel's rule for a greedy server under tick enforcement (replenish_dl_entity):
+    overrun d in [0, g) at each throttle, debt repaid by whole budgets at the next
+    activation with the deadline moved on; chunks placed early or as late as that
+    (postponed) deadline allows, as EDF under contention may."""
+    runtime, dl, act, free, chunks = R, D, 0, 0, []
+    while act < span:
+        d = rng.choice([0, g - 1, rng.randrange(g)])
+        c = runtime + d
+        start = max(act, free, dl - c if rng.random() < 0.5 else act)
+        chunks.append((start, start + c))
+        free = start + c
+        runtime, nxt = -d, dl - D + P
+        while runtime <= 0:
+            dl, runtime = dl + P, runtime + R
+        act = nxt
+    gaps, last = [], 0
+    for a, b in chunks:
+        if a > last and a < span:
+            gaps.append((last, a))
+        last = b
+    return Trace(span, tuple(gaps))
+
+
+@pytest.mark.parametrize("R,D,P", [(2, 10, 10), (1, 10, 10), (3, 10, 20), (4, 10, 20), (8, 20, 40)])
+def test_tick_enforced_server_keeps_sbf_less_its_loss(R, D, P):
+    from kairos_libvirt.analysis.enforcement import Enforcement
+    k = 100  # units of 10 us: g = 4 ms
+    R, D, P, g = R * k, D * k, P * k, 4 * k
+    enf = Enforcement(g)
+    tr = _tick_enforced(R, D, P, g, 150 * P, random.Random(R + D + P))
+    below_g = max(sbf(t, P, R, D, g) - tr.least_supply(t)[0] for t in range(1, 25 * P, 23))
+    worst = max(enf.delivered_sbf(t, P, R, D) - tr.least_supply(t)[0] for t in range(1, 25 * P, 23))
+    assert worst <= 0
+    assert enf.loss_ns(R) == g + R * (-(-g // R) - 1)
+    if R < g:  # the debt repaid in whole budgets runs ahead of the EDP by more than g
+        assert below_g > 0
