@@ -72,6 +72,12 @@ class Counters:
     per_kind: Dict[str, int] = field(default_factory=dict)
 
 
+#: Sites hit once per period of a periodic task: the first to wait for the stop budget.
+HOT_KINDS = frozenset({"clock_nanosleep", "nanosleep"})
+#: Expected stops kept for the lifecycle sites once the hot ones wait.
+RESERVE_STOPS = 3
+
+
 class GdbstubBackend:
     """Owns the RSP connection; runs its loop in a thread of the agent."""
 
@@ -230,14 +236,30 @@ class GdbstubBackend:
             c.interrupt(timeout=2.0)
 
     def _keep_budget(self) -> None:
-        """VM stopped, about to resume: if one more stop would overrun the budget, take the sites off."""
-        if self.armed and not self.budget.can_stop():
-            self.budget.start_wait()
-            for a in list(self.armed):
-                self.client.remove_breakpoint(a)     # type: ignore[union-attr]
-                self.armed.discard(a)
-                self.budget_off.add(a)
-            log.debug("stop budget spent: %d site(s) wait", len(self.budget_off))
+        """VM stopped, about to resume: if one more stop would overrun the budget, take the sites off.
+
+        The hot sites (the sleeps: a periodic task hits them every period) come
+        off first, while RESERVE_STOPS more stops would still fit: the rare
+        lifecycle sites (sched_*, exit) keep that reserve, so a task's start or
+        end is not missed while the sleeps wait for the budget.
+        """
+        if not self.armed:
+            return
+        if not self.budget.can_stop():
+            off = list(self.armed)
+        elif not self.budget.can_stop(n=1 + RESERVE_STOPS):
+            off = [a for a in self.armed if a in self.plan.sites
+                   and self.plan.sites[a].kind in HOT_KINDS]
+        else:
+            return
+        if not off:
+            return
+        self.budget.start_wait()
+        for a in off:
+            self.client.remove_breakpoint(a)     # type: ignore[union-attr]
+            self.armed.discard(a)
+            self.budget_off.add(a)
+        log.debug("stop budget spent: %d site(s) wait", len(self.budget_off))
 
     def _idle(self, c: RspClient) -> None:
         """VM running, no hit: stop it only for due work, and only within the budget.

@@ -176,3 +176,25 @@ def test_backend_refuses_to_rearm_while_over_budget_then_rearms(tmp_path):
     assert c.interrupts == 1 and 0x1000 in c.breakpoints and not be.budget_off
     assert not b.waiting and b.wait_ns == S
     assert b.stops == 2                          # the interrupt was a stop, accounted
+
+
+def test_the_hot_sleep_sites_wait_first_and_the_lifecycle_sites_keep_a_reserve(tmp_path):
+    from kairos_libvirt.introspect import gdbstub, plan
+    clock = Clock()
+    b = StopBudget(BudgetSpec(share=Fraction(5, 100), max_stop_ns=4 * MS), clock=clock)
+    c = FakeClient([])
+    be = make_backend(c, tmp_path, budget=b)
+    kinds = {s.kind: s for s in plan.PLAN}
+    be.plan.sites = {0x1000: kinds["sched_setattr"], 0x2000: kinds["clock_nanosleep"],
+                     0x3000: kinds["exit"]}
+    for a in be.plan.sites:
+        be.arm(a)
+    # Room for two more expected stops, not for 1 + RESERVE_STOPS: the sleep site waits.
+    b.record(clock.t - 42 * MS, clock.t)         # 42 of 50 ms spent
+    assert b.can_stop(n=2) and not b.can_stop(n=1 + gdbstub.RESERVE_STOPS)
+    be._keep_budget()
+    assert be.budget_off == {0x2000} and be.armed == {0x1000, 0x3000}
+    # No room for even one stop: everything waits.
+    b.record(clock.t - 5 * MS, clock.t)          # 47 of 50 ms: not one more 4 ms stop
+    be._keep_budget()
+    assert be.budget_off == {0x1000, 0x2000, 0x3000} and not be.armed
