@@ -47,7 +47,7 @@ def test_hostile_guest_gets_nothing_above_the_ceiling(domains):
         "rtprog --policy deadline --runtime 900ms --period 1s --count 2; done",
         "rtprog --spawn 10000",
     ))
-    bystander = domains.define(DL.format(r="1ms", p="10ms"), vcpus=1)
+    bystander = domains.define(DL.format(r="1ms", p="20ms"), vcpus=1)
     virsh("start", bystander, check=True)
     by_before = enforced_state(bystander, 1).vcpus[0]
     name = domains.define('<kairos:default policy="deadline" runtime="3ms" period="10ms"/>'

@@ -180,12 +180,13 @@ def test_periodic_fifo_programs_are_observed(domains):
 
 
 def test_demand_above_the_ceiling_is_capped(domains):
-    prog = "rtprog --policy deadline --runtime 8ms --period 10ms --count 0"
+    # 20 ms every 50 ms needs about 0.66 of a CPU on a 4 ms-tick host (0.4 + on any host).
+    prog = "rtprog --policy deadline --runtime 20ms --period 50ms --count 0"
     name = domains.define(intro_decl(runtime="2ms", ceiling="0.4"), vcpus=1,
                           cmdline=f'kairos.run="sleep 4; {prog}"')
     virsh("start", name, check=True)
     running_introspection(name)
-    find_task(name, lambda t: t["policy"] == "deadline" and t["runtime_ns"] == 8_000_000)
+    find_task(name, lambda t: t["policy"] == "deadline" and t["runtime_ns"] == 20_000_000)
 
     def capped():
         v = state(name).vcpus[0]
