@@ -380,6 +380,11 @@ INTRO_COUNTER_FAMILIES = (
      "Times introspection stopped the guest."),
     ("budget_waits", "kairosvm_domain_introspection_budget_waits_total",
      "Times trap sites were taken off because the stop budget was spent (the guest ran on)."),
+    ("server_changes", "kairosvm_domain_server_changes_total",
+     "Times adaptation changed a vCPU's server (each follows a change in the guest's tasks)."),
+    ("server_flips", "kairosvm_domain_server_flips_total",
+     "Server changes back to a server held before with no change in the guest's tasks in "
+     "between (hysteresis keeps this at 0)."),
 )
 
 

@@ -51,9 +51,10 @@ TASK_FIELDS = (("key", "key", False), ("tid", "tid", False), ("comm", "comm", Fa
                ("priority", "priority", False), ("runtime", "runtime_ns", True),
                ("deadline", "deadline_ns", True), ("period", "period_ns", True),
                ("observed-period", "observed_period_ns", True), ("jitter", "jitter_ns", True),
-               ("samples", "samples", False))
+               ("samples", "samples", False), ("period-source", "period_source", False))
 INTRO_COUNTERS = ("hits", "decoded", "rejected", "suppressed", "handler_ns", "evicted",
                   "reactions", "reaction_p50_us", "reaction_p99_us",
+                  "server_changes", "server_flips",
                   "stopped_ns", "stops", "longest_stop_ns", "peak_window_ns", "long_stops",
                   "attach_stops", "attach_longest_ns", "budget_waits", "budget_wait_ns",
                   "budget_window_ns", "budget_max_stop_ns")
