@@ -167,10 +167,17 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def _budget_range(wl: Workload, period: int, max_runtime: int, overhead: int,
-                  grid: int) -> Tuple[int, int]:
-    """Grid indices k (Θ = k·grid) worth trying: Θ >= UΠ, runtime >= 1024 ns, runtime <= cap."""
+                  grid: int, loss: int = 0) -> Tuple[int, int]:
+    """Grid indices k (Θ = k·grid) worth trying: Θ >= UΠ, runtime >= 1024 ns, runtime <= cap.
+
+    With an enforcement granularity g the runtime is at least g: below it the
+    kernel repays a tick's debt in whole budgets and the loss grows towards
+    2g (:meth:`.enforcement.Enforcement.loss_ns`), so the search keeps to
+    runtimes whose loss is exactly g.
+    """
     u = wl.u
-    lo_ns = max(1, DL_MIN_RUNTIME_NS - overhead, _ceil_div(u.numerator * period, u.denominator))
+    lo_ns = max(1, DL_MIN_RUNTIME_NS - overhead, loss - overhead,
+                _ceil_div(u.numerator * period, u.denominator))
     return _ceil_div(lo_ns, grid), (max_runtime - overhead) // grid
 
 
@@ -183,7 +190,7 @@ def _min_budget(wl: Workload, period: int, deadline: Optional[int], overhead: in
     grows if some test was not proven (then Θ may not be least).
     """
     max_runtime = (period if deadline is None else deadline) - loss
-    lo, hi = _budget_range(wl, period, max_runtime, overhead, grid)
+    lo, hi = _budget_range(wl, period, max_runtime, overhead, grid, loss)
     if cap_ns is not None:
         hi = min(hi, cap_ns // grid)
     if deadline is None:

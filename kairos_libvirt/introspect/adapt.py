@@ -32,6 +32,7 @@ from fractions import Fraction
 from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence
 
 from .. import analysis
+from ..analysis.enforcement import Enforcement
 from ..analysis.schedulability import Workload
 from ..errors import AnalysisError
 from ..model import VcpuSched
@@ -195,7 +196,10 @@ def server_supply(sched: VcpuSched, overhead_ns: int,
     budget = sched.runtime_ns - overhead_ns
     if budget <= 0:
         return None
-    extra = {"loss_ns": enforcement_ns} if enforcement_ns else {}
+    # Below a tick the kernel repays its debt in whole budgets: the loss is
+    # larger than g for a runtime under g (analysis.enforcement).
+    loss = Enforcement(enforcement_ns).loss_ns(sched.runtime_ns)
+    extra = {"loss_ns": loss} if loss else {}
     try:
         if sched.policy == "deadline":
             deadline = sched.deadline_ns or sched.period_ns

@@ -253,6 +253,8 @@ def test_servers_leave_room_for_the_overrun_and_meet_deadlines_on_sbf_minus_it(p
     if not s.schedulable:
         return
     assert s.runtime_ns + g <= s.deadline_ns <= s.period_ns <= min(t.deadline_ns for t in tasks)
+    # At least a tick of runtime: below it the kernel's debt repayment loses more than g.
+    assert s.runtime_ns >= g and Enforcement(g).loss_ns(s.runtime_ns) == g
     assert schedulable(tasks, EDP(s.period_ns, s.budget_ns, s.deadline_ns, g)).schedulable
     assert s.supply == EDP(s.period_ns, s.budget_ns, s.deadline_ns, g)
     # The host admits what the guest analysis granted, alone on this 2-CPU host.
