@@ -1,10 +1,11 @@
-"""Unit tests of bench/rtquality's pure part: `.venv/bin/python -m pytest -q bench/rtquality.d`."""
+"""Unit tests of bench/rtquality's pure part (bench/rtquality.d/rtqlib.py)."""
 from __future__ import annotations
 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir,
+                                "bench", "rtquality.d"))
 
 import rtqlib  # noqa: E402
 
