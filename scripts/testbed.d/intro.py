@@ -208,7 +208,9 @@ def dl_phase(l2: L2, intro: "TimedIntrospector", res: dict, count: int) -> None:
     task = wait(lambda: next((t for t in intro.tasks_snapshot() if t["policy"] == "deadline"), None),
                 60, "the deadline task in the model")
     res["task"] = {k: task[k] for k in ("policy", "runtime_ns", "deadline_ns", "period_ns", "vcpu")}
-    grown = wait(lambda: (lambda k: k if k.runtime_ns > DECLARED.runtime_ns else None)(sched.get(l2.vcpu_tid)),
+    # grows = more bandwidth than declared (the analysed server's period may be shorter)
+    grown = wait(lambda: (lambda k: k if k.runtime_ns * DECLARED.period_ns
+                          > DECLARED.runtime_ns * k.period_ns else None)(sched.get(l2.vcpu_tid)),
                  30, "the vCPU reservation to grow")
     res["grown"] = {"runtime_ns": grown.runtime_ns, "deadline_ns": grown.deadline_ns,
                     "period_ns": grown.period_ns, "policy": grown.policy}

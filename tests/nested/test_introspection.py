@@ -33,7 +33,8 @@ def test_deadline_task_found_vcpu_grows_and_shrinks_back(intro: dict) -> None:
                          "period_ns": 10_000_000, "vcpu": 0}
     # sched_getattr on L2's vCPU thread in L1: the analysed interface, never above the 0.6 ceiling
     g = k["grown"]
-    assert g["policy"] == "deadline" and g["runtime_ns"] >= 2_000_000
+    # at least the task's 0.2 of a CPU (its period may be shorter than the task's)
+    assert g["policy"] == "deadline" and g["runtime_ns"] * 10 >= g["period_ns"] * 2
     assert g["runtime_ns"] * 10 <= g["period_ns"] * 6
     assert k["adapted"]["source"] == "introspection"
     # the program exits: do_exit's trap takes the task out, the declared 1 ms / 10 ms is back

@@ -59,7 +59,14 @@ def test_vcpu_thread_takes_the_analysed_interface_then_shrinks_back(lv: dict) ->
     assert (k["policy"], k["runtime_ns"], k["deadline_ns"], k["period_ns"]) == \
         ("deadline", v["runtime_ns"], v["deadline_ns"], v["period_ns"])
     i = v["interface"]
-    assert i["budget_ns"] >= 2_000_000 and k["runtime_ns"] >= i["budget_ns"] and k["period_ns"] == i["period_ns"]
+    assert k["runtime_ns"] >= i["budget_ns"] and k["period_ns"] == i["period_ns"]
+    # What the kernel enforces meets rtprog's 2 ms / 10 ms on the supply the host delivers
+    # (EDP less L1's enforcement overrun), with room for that overrun before the deadline.
+    from kairos_libvirt import analysis
+    g_ns = lv["ledger_running"]["enforcement_ns"]
+    assert k["runtime_ns"] + g_ns <= k["deadline_ns"]
+    assert analysis.schedulable([analysis.Task("rtprog", 2_000_000, 10_000_000)], analysis.EDP(
+        k["period_ns"], k["runtime_ns"] - 20_000, k["deadline_ns"], g_ns)).schedulable
     assert k["runtime_ns"] * 10 <= k["period_ns"] * 6  # never above the 0.6 ceiling
     assert f"{k['runtime_ns']}/{k['deadline_ns']}/{k['period_ns']}" in g["chrt"]
     assert 'source="introspection"' in g["live_state"]
