@@ -238,17 +238,11 @@ class Ledger:
     # -- capacity --------------------------------------------------------
     def capacity(self, state: LedgerState) -> Capacity:
         cpus = self.cfg.cpus or proc.online_cpus()
+        kernel_share, kernel_source = _sysctl_share()
         if self.cfg.capacity_share is not None:
             share, source = self.cfg.capacity_share, "capacity_share in kairos.yaml"
         else:
-            rt = int(_read("/proc/sys/kernel/sched_rt_runtime_us"))
-            period = int(_read("/proc/sys/kernel/sched_rt_period_us"))
-            if rt < 0:
-                share = Fraction(1)
-                source = "sched_rt_runtime_us = -1 (no kernel limit)"
-            else:
-                share = Fraction(rt, period)
-                source = f"sched_rt_runtime_us/sched_rt_period_us = {rt}/{period}"
+            share, source = kernel_share, kernel_source
         total = share * len(cpus)
         probed = self._kernel_capacity(state)
         fair = False
@@ -256,7 +250,7 @@ class Ledger:
             # The kernel admits less than its sysctl share when its per-CPU fair
             # servers already hold deadline bandwidth (Linux 6.12+: 50 ms / 1 s).
             online = len(proc.online_cpus())
-            fair = probed + Fraction(online, 100) <= _sysctl_share() * online
+            fair = probed + Fraction(online, 100) <= kernel_share * online
             if probed < total:
                 total = probed
                 source += f", capped at {format_fraction(probed)} CPUs the kernel admits (probed)"
@@ -400,10 +394,13 @@ class Ledger:
         return e
 
 
-def _sysctl_share() -> Fraction:
+def _sysctl_share() -> Tuple[Fraction, str]:
+    """The kernel's per-CPU real-time share, and how it was found (for messages)."""
     rt = int(_read("/proc/sys/kernel/sched_rt_runtime_us"))
     period = int(_read("/proc/sys/kernel/sched_rt_period_us"))
-    return Fraction(1) if rt < 0 else Fraction(rt, period)
+    if rt < 0:
+        return Fraction(1), "sched_rt_runtime_us = -1 (no kernel limit)"
+    return Fraction(rt, period), f"sched_rt_runtime_us/sched_rt_period_us = {rt}/{period}"
 
 
 def _read(path: str) -> str:
