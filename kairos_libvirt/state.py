@@ -51,7 +51,8 @@ TASK_FIELDS = (("key", "key", False), ("tid", "tid", False), ("comm", "comm", Fa
                ("priority", "priority", False), ("runtime", "runtime_ns", True),
                ("deadline", "deadline_ns", True), ("period", "period_ns", True),
                ("observed-period", "observed_period_ns", True), ("jitter", "jitter_ns", True),
-               ("samples", "samples", False), ("period-source", "period_source", False))
+               ("samples", "samples", False), ("period-source", "period_source", False),
+               ("learnt-from", "origin", False))
 INTRO_COUNTERS = ("hits", "decoded", "rejected", "suppressed", "handler_ns", "evicted",
                   "reactions", "reaction_p50_us", "reaction_p99_us",
                   "server_changes", "server_flips",

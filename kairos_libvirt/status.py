@@ -87,7 +87,7 @@ def collect(name: str, info: Optional[DomainInfo], cfg: Optional[_config.HostCon
 
 GUEST_TASK_KEYS = ("key", "tid", "comm", "vcpu", "policy", "priority", "runtime_ns",
                    "deadline_ns", "period_ns", "observed_period_ns", "jitter_ns", "samples",
-                   "period_source")
+                   "period_source", "origin")
 
 
 def _int_or_none(v: Optional[str]) -> Optional[int]:
@@ -126,7 +126,9 @@ def render_text(doc: Dict[str, Any]) -> str:
                       else f"prio {t['priority']}")
             obs = (f", observed period {format_ns(t['observed_period_ns'])}"
                    if t.get("observed_period_ns") else "")
-            lines.append(f"  {who}: {t['policy']} {params}{obs} (vCPU {t['vcpu']})")
+            seen = (", set before the attach (read from its task_struct)"
+                    if t.get("origin") == "memory" else "")
+            lines.append(f"  {who}: {t['policy']} {params}{obs} (vCPU {t['vcpu']}){seen}")
     i = doc.get("introspection")
     if i:
         lines.append(f"introspection: {i.get('backend')} {i.get('state')}"

@@ -52,6 +52,8 @@ ATTACH_RETRY_MAX_S = 60.0
 #: How often physical memory is polled for the booted kernel (no VM stop).
 BOOT_POLL_S = 0.25
 LAYOUT_RETRY_S = 5.0
+#: Task keys remembered as not real-time (a bound against a guest forking without end).
+MAX_NOT_RT = 4096
 
 
 class NotBooted(KairosError):
@@ -89,6 +91,14 @@ class Introspector:
         self.status = Status(backend.name)
         self.thread: Optional[threading.Thread] = None
         self.layout = None
+        #: Scheduling fields of task_struct (schedlayout): RT tasks that set their
+        #: policy before the attach are read from memory at their first trap.
+        self.sched_layout = None
+        #: Stop-free reader of kernel memory (physical, through QEMU), when the host has one.
+        self._kread: Optional[Callable[[int, int], bytes]] = None
+        #: Task keys read and found not real-time (their later sched_* calls are trapped).
+        self._not_rt: set = set()
+        self.discovered = 0
         self.rsyms = None
         self._analysed_version = -1
         self._adapted: Dict[int, _adapt.Adapted] = {}
@@ -180,6 +190,9 @@ class Introspector:
         self.status.notes = [n for n in self.status.notes if "falling back" in n]
         self._sleep_sites.clear()
         self.layout = None
+        self.sched_layout = None
+        self._kread = None
+        self._not_rt.clear()
 
     def _safe_close(self) -> None:
         try:
@@ -237,6 +250,7 @@ class Introspector:
         if not placed.up:
             raise NotBooted(f"guest kernel booting (system_state {placed.state})")
         kread = placed.reader(phys.read)
+        self._kread = kread
         self.status.slide = placed.slide
         self.rsyms = rsyms = syms.runtime(placed.slide)
         plan: ResolvedPlan = resolve_plan(rsyms.resolve, lambda a: fentry_site(kread, a))
@@ -303,17 +317,32 @@ class Introspector:
             self.layout = _layout.discover_layout(read, self.rsyms)
         except KairosError as exc:
             self.status.notes.append(f"task ids unavailable (retrying): {exc}")
+            return
+        self._discover_sched_layout(read)
+
+    def _discover_sched_layout(self, read: Callable[[int, int], bytes]) -> None:
+        from . import schedlayout
+        self.status.notes = [n for n in self.status.notes if not n.startswith("tasks set")]
+        try:
+            self.sched_layout = schedlayout.discover_sched_layout(self._kread or read, self.rsyms,
+                                                                  self.layout)
+            log.info("task_struct scheduling fields: %r", self.sched_layout)
+        except KairosError as exc:
+            self.status.notes.append(f"tasks set real-time before the attach stay unseen until "
+                                     f"their next sched_* call: {exc}")
 
     # -- events (backend thread, VM stopped) ------------------------------
     def _on_hit(self, hit: Hit, read: Callable[[int, int], bytes]) -> None:
         if self.layout is None and time.monotonic() >= self._layout_at:
             self._discover_layout(read)
+        task = None
         if self.layout is not None and "gs_base" in hit.regs:
             try:
                 from . import layout as _layout
-                task = _layout.current_task(read, hit.regs["gs_base"], self.rsyms)
-                tid, _tgid, comm = _layout.task_ident(read, task, self.layout)
+                cur = _layout.current_task(read, hit.regs["gs_base"], self.rsyms)
+                tid, _tgid, comm = _layout.task_ident(self._kread or read, cur, self.layout)
                 hit = replace(hit, tid=tid, comm=comm)
+                task = cur
             except KairosError:
                 pass  # identity is a nicety; the pt_regs key still identifies the task
         try:
@@ -323,6 +352,7 @@ class Introspector:
             self.backend.counters.last_error = str(exc)
             return
         self.backend.counters.decoded += 1
+        found = self._read_unknown(ev, task, read)
         with self.lock:
             # A site the backend took off meanwhile (its rate limit, or the stop
             # budget was spent) missed calls: the next gap of every task spans
@@ -332,15 +362,55 @@ class Introspector:
                       getattr(budget, "waits", 0))
             if paused != self._suppressed_seen:
                 self._suppressed_seen = paused
+                # Lifecycle sites may have been off too: a sched_* call may have
+                # gone unseen, so tasks found not real-time are read again.
+                self._not_rt.clear()
                 if not getattr(self.backend, "cheap_traps", False):
                     self.model.note_pause()
-            if self.model.apply(ev):
+            learnt = found is not None and self.model.discover(
+                ev, found.policy, found.priority or None, found.runtime_ns, found.deadline_ns,
+                found.period_ns)
+            if learnt:
+                self.discovered += 1
+                log.info("guest task %s (tid %s) runs %s since before the attach: read from its "
+                         "task_struct", ev.comm, ev.tid, found.policy)
+            if self.model.apply(ev) or learnt:
                 now = time.monotonic()
                 self._last_change = now
                 if self._dirty_since is None:
                     self._dirty_since = now
                     self._trigger_ns = hit.time_ns
         self._sampling_policy()
+
+    def _read_unknown(self, ev, task: Optional[int], read: Callable[[int, int], bytes]):
+        """The scheduling state of a task the model does not know, if it is real-time.
+
+        Read once per task (the stop-free reader when the host has one): a task
+        found not real-time is remembered until it exits, since any later change
+        of its policy is a trapped sched_* call.  Forked children of an RT task
+        inherit its policy without a call: their first trap finds them here.
+        """
+        if ev.kind == "exit":
+            self._not_rt.discard(ev.task_key)
+            return None
+        if task is None or self.sched_layout is None or ev.task_key in self._not_rt:
+            return None
+        with self.lock:
+            if self.model.knows(ev):
+                return None
+        from . import schedlayout
+        try:
+            state, self.sched_layout = schedlayout.read_sched(self._kread or read, task,
+                                                              self.sched_layout)
+        except KairosError as exc:
+            self.backend.counters.last_error = f"task_struct of {ev.comm}: {exc}"
+            return None
+        if state.realtime:
+            return state
+        if len(self._not_rt) >= MAX_NOT_RT:
+            self._not_rt.clear()
+        self._not_rt.add(ev.task_key)
+        return None
 
     def _sampling_policy(self) -> None:
         """Learn periods, then stop paying for clock_nanosleep traps (re-sample now and then).
@@ -458,7 +528,7 @@ class Introspector:
             return [dict(key=t.key, tid=t.tid, comm=t.comm, vcpu=t.vcpu, policy=t.policy,
                          priority=t.priority, runtime_ns=t.runtime_ns,
                          deadline_ns=t.deadline_ns, period_ns=t.period_ns,
-                         observed_period_ns=t.observed_period_ns,
+                         observed_period_ns=t.observed_period_ns, origin=t.origin,
                          jitter_ns=t.periods.jitter_ns, samples=t.periods.support,
                          period_source=t.periods.source)
                     for t in sorted(self.model.rt_tasks(), key=lambda x: x.key)]

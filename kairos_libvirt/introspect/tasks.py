@@ -281,6 +281,10 @@ class GuestTask:
     busy: BusyStats = field(default_factory=BusyStats)
     resumed: bool = False   # the next sleep follows a pause of the sleep traps
     fresh_needed: int = 0   # samples wanted since the last pause before "stable" again
+    #: How the model learnt the task's policy: "call" (its sched_* call trapped)
+    #: or "memory" (its task_struct, read at its first trap: the policy was set
+    #: before the agent attached).
+    origin: str = "call"
 
     @property
     def observed_period_ns(self) -> Optional[int]:
@@ -355,9 +359,42 @@ class TaskModel:
                 return t.key
         return f"pid:{ev.target_pid}"
 
+    def knows(self, ev: GuestEvent) -> bool:
+        """The model already holds the task behind ``ev`` (under its key or its pid)."""
+        self._claim(ev)
+        return ev.task_key in self.tasks
+
+    def _claim(self, ev: GuestEvent) -> None:
+        """A task first named by pid (``sched_setattr(pid, …)`` from another task) takes
+        its real key at its own first trap, so that its sleeps count."""
+        if ev.tid is None or ev.task_key in self.tasks:
+            return
+        t = self.tasks.pop(f"pid:{ev.tid}", None)
+        if t is not None:
+            t.key = ev.task_key
+            self.tasks[ev.task_key] = t
+
+    def discover(self, ev: GuestEvent, policy: str, priority: Optional[int] = None,
+                 runtime_ns: Optional[int] = None, deadline_ns: Optional[int] = None,
+                 period_ns: Optional[int] = None) -> bool:
+        """The task behind ``ev`` runs ``policy`` as its task_struct says (it set it before
+        the attach); True if the analysis input changed.  A task the model knows keeps
+        what its calls taught."""
+        if self.knows(ev) or policy not in ("deadline", "fifo", "rr"):
+            return False
+        t = self._task(ev)
+        t.policy, t.origin = policy, "memory"
+        if policy == "deadline":
+            t.runtime_ns, t.deadline_ns, t.period_ns = runtime_ns, deadline_ns, period_ns
+        else:
+            t.priority = priority
+        self.version += 1
+        return True
+
     def apply(self, ev: GuestEvent) -> bool:
         """Feed one event; True if the analysis input changed."""
         self.events += 1
+        self._claim(ev)
         self._count_stop(ev.stopped_ns)
         if ev.kind == "exit":
             if self.tasks.pop(ev.task_key, None) is not None:

@@ -19,6 +19,7 @@ import pytest
 from kairos_libvirt.introspect import kallsyms
 from kairos_libvirt.introspect.layout import current_task, discover_layout, percpu_base, task_ident, task_list
 from kairos_libvirt.introspect.rsp.client import RspClient
+from kairos_libvirt.introspect.schedlayout import SchedState, discover_sched_layout, read_sched
 from kairos_libvirt.introspect.symbols import GuestSymbols, fentry_site, find_slide
 from tests.conftest import skip_or_fail
 
@@ -28,6 +29,11 @@ GUEST = os.environ.get("KAIROS_GUEST_DIR", "/var/lib/kairos/guest")
 KSYMS = ["__x64_sys_sched_setattr", "linux_banner", "init_task", "__x64_sys_clock_nanosleep", "_text",
          "current_task"]
 BOOT_TIMEOUT = 90.0
+#: Real-time programs that set their policy before anyone connects (schedlayout reads them).
+#: Each prints a mark once its policy is set (the shell runs under it), then becomes "sleep".
+#: (The mark carries the shell's pid: the guest's RUN line echoes the command itself.)
+RT_PROGRAMS = tuple(f"chrt {how} sh -c 'echo KAIROS-RT-SET-$$; exec sleep 100000'" for how in (
+    "-f 42", "-r 7", "-d --sched-runtime 2000000 --sched-deadline 5000000 --sched-period 10000000 0"))
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
@@ -71,13 +77,14 @@ def guest(tmp_path_factory) -> Iterator[Guest]:
     g = Guest(str(tmp_path_factory.mktemp("guest")))
     cmd = [qemu, "-accel", "tcg", "-m", "256", "-smp", "1", "-display", "none", "-monitor", "none",
            "-no-reboot", "-kernel", g.vmlinuz, "-initrd", os.path.join(GUEST, "initrd.img"),
-           "-append", f"console=ttyS0 quiet panic=-1 kairos.heartbeat=0 kairos.ksyms={','.join(KSYMS)}",
+           "-append", f"console=ttyS0 quiet panic=-1 kairos.heartbeat=0 kairos.ksyms={','.join(KSYMS)} "
+                      + " ".join(f'kairos.run="{c}"' for c in RT_PROGRAMS),
            "-serial", f"file:{g.serial}", "-gdb", f"unix:{g.gdb},server=on,wait=off"]
     t0 = time.monotonic()
     g.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: "KAIROS-GUEST READY" in g.console() or g.proc.poll() is not None,
-                   BOOT_TIMEOUT, "the guest's READY line")
+        wait_until(lambda: len(re.findall(r"KAIROS-RT-SET-\d+", g.console())) == len(RT_PROGRAMS)
+                   or g.proc.poll() is not None, BOOT_TIMEOUT, "the guest's RT programs to start")
         if g.proc.poll() is not None:
             out = g.proc.stdout.read().decode(errors="replace") if g.proc.stdout else ""
             pytest.fail(f"qemu exited with {g.proc.returncode}: {out[-2000:]}")
@@ -169,3 +176,22 @@ def test_task_layout_and_current_task(guest, from_vmlinuz, record_property):
     tid, tgid, comm = task_ident(guest.read, cur, layout)
     assert cur in {t for t, _, _, _ in tasks} or comm.startswith("swapper/") or tid != tgid
     record_property("task_layout", repr(layout))
+
+
+def test_policies_set_before_the_attach_read_from_task_structs(guest, from_vmlinuz, record_property):
+    rt = from_vmlinuz.runtime(find_slide(guest.read, from_vmlinuz))
+    layout = discover_layout(guest.read, rt)
+    sl = timed(guest, "sched layout discovery", discover_sched_layout, guest.read, rt, layout)
+    print(f"\ntask_struct scheduling offsets: {sl}")
+    states, by_tid = {}, {}
+    for t, tid, _tgid, comm in task_list(guest.read, rt, layout):
+        by_tid[tid] = read_sched(guest.read, t, sl)[0]
+        states.setdefault(comm, []).append(by_tid[tid])
+    assert by_tid[1] == SchedState("other") and by_tid[2] == SchedState("other")
+    assert SchedState("fifo", 99) in states["migration/0"]
+    assert sorted((s for s in states["sleep"] if s.realtime), key=repr) == sorted(
+        [SchedState("fifo", 42), SchedState("rr", 7),
+         SchedState("deadline", runtime_ns=2_000_000, deadline_ns=5_000_000, period_ns=10_000_000)],
+        key=repr), states["sleep"]
+    assert sl.dl is not None
+    record_property("sched_layout", repr(sl))
