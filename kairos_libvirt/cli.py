@@ -176,6 +176,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _declares_introspection(cfg, name: str) -> bool:
+    """The domain's ledger entry asks for introspection (its agent may not have published yet)."""
+    from .ledger import Ledger
+    entry = Ledger(cfg).read().domains.get(name)
+    return bool(entry and entry.introspection and entry.introspection.backend != "off")
+
+
 def cmd_hold(args: argparse.Namespace) -> int:
     """Disarm (hold) or re-arm (unhold) a domain's guest traps, and wait for the agent to confirm.
 
@@ -210,6 +217,8 @@ def cmd_hold(args: argparse.Namespace) -> int:
         xml = virt.get_metadata(dom, STATE_NS, live=True) if virt.is_active(dom) else None
         intro = (from_xml(xml).introspection if xml else None) or {}
         state = intro.get("state")
+        if not intro and _declares_introspection(cfg, args.domain):
+            intro = {"backend": "pending", "state": "starting"}   # the agent has not published yet
         if not intro or intro.get("backend") in (None, "off"):
             print(f"{args.domain}: introspection is off: no trap to {'hold' if hold else 're-arm'}")
             return 0

@@ -7,6 +7,7 @@ same guest the same way.
 from __future__ import annotations
 
 import os
+from xml.sax.saxutils import escape
 
 GUEST_DIR = os.environ.get("KAIROS_GUEST_DIR", "/var/lib/kairos/guest")
 NS = "http://kairosvm.org/xmlns/libvirt/realtime/1.0"
@@ -34,7 +35,7 @@ def domain_xml(name: str, decl: str = "", vcpus: int = 2, memory_mib: int = 192,
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{GUEST_DIR}/vmlinuz</kernel>
     <initrd>{GUEST_DIR}/initrd.img</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 {cmdline}</cmdline>
+    <cmdline>console=ttyS0 quiet panic=-1 {escape(cmdline)}</cmdline>
   </os>
   {cpu}
   <features><acpi/></features>

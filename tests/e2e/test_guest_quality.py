@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from kairos_libvirt import analysis, config
+from kairos_libvirt import analysis, config, paths
 from kairos_libvirt.host import proc, sched
 from kairos_libvirt.introspect import runtime
 from kairos_libvirt.introspect.adapt import DEFAULT_OVERHEAD_NS
@@ -42,6 +42,14 @@ HOGS_PER_CPU = 2
 def state(name):
     x = live_state(name)
     return from_xml(x) if x else None
+
+
+def agent_log_tail(name, lines=40):
+    try:
+        with open(paths.agent_log(config.load(), name), errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError as exc:
+        return f"(no agent log: {exc})"
 
 
 def cyclictest_task(st):
@@ -76,11 +84,10 @@ def host_load():
 
 
 def test_cyclictest_under_load_period_learnt_no_long_server_no_flip(domains, host_load):
-    # cyclictest starts once the agent has attached (it learns RT tasks from their
-    # sched_setscheduler call), hence the guest's sleep first.
-    # Under host load the attach comes up to ~30 s after init (seen in CI): a task that
-    # set its policy before it is not rediscovered, so cyclictest starts well after.
-    run = 'kairos.run="sleep 60; cyclictest -q -m -p 80 -i 4000 -t 1"'
+    # cyclictest starts at boot: whether it sets its policy before the attach (under host
+    # load the attach comes up to ~30 s after init) or after, the agent learns it (from its
+    # task_struct at its first trap, or from its call).
+    run = 'kairos.run="cyclictest -q -m -p 80 -i 4000 -t 1"'
     name = domains.define('<kairos:default policy="deadline" runtime="2ms" period="10ms"/>'
                           '<kairos:introspection backend="gdbstub" ceiling="0.6"/>',
                           vcpus=1, cmdline=run)
@@ -101,7 +108,8 @@ def test_cyclictest_under_load_period_learnt_no_long_server_no_flip(domains, hos
     try:
         t = wait_until(learnt, BOOT_AND_ATTACH_S, 0.5, "cyclictest's period to be learnt")
     except AssertionError as e:
-        raise AssertionError(f"{e}; (period, samples, source) seen: {sorted(set(seen))}")
+        raise AssertionError(f"{e}; (period, samples, source) seen: {sorted(set(seen))}; "
+                             f"agent log:\n{agent_log_tail(name)}")
     assert abs(t["observed_period_ns"] - PERIOD_NS) * 20 <= PERIOD_NS, seen
     assert t["period_source"] == "abstime"
     # Every belief on the way was 4 ms too (a wrong one needs evidence it cannot have).
