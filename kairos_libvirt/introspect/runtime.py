@@ -36,9 +36,14 @@ log = logging.getLogger("kairosvm-agent.introspect")
 #: for DEBOUNCE_S (a burst of events gives one re-enforcement).
 DEBOUNCE_S = 0.05
 MAX_DELAY_S = 0.5
-#: clock_nanosleep is re-armed this often for a sampling window once periods
-#: are learnt (a period change is noticed within RESAMPLE_EVERY_S).
+#: clock_nanosleep is re-armed for a sampling window RESAMPLE_EVERY_S after
+#: the periods are learnt, then ever more rarely while the windows confirm
+#: what is believed (the interval doubles up to RESAMPLE_MAX_S; any change of
+#: the model brings it back).  Why: on TCG with QEMU < 10.2 every gdbstub hit
+#: also flushes the guest's translated code (docs/gdbcost.md), a cost far
+#: above the stop itself; a period change without a sched_* call is rare.
 RESAMPLE_EVERY_S = 10.0
+RESAMPLE_MAX_S = 160.0
 RESAMPLE_FOR_S = 1.0
 #: Fresh samples a re-sampling window gathers before the traps go off again:
 #: enough to confirm a changed period (tasks.PERIOD_CONFIRM) in one window.
@@ -111,6 +116,8 @@ class Introspector:
         self._sleep_sites: List[int] = []
         self._sleep_armed = True
         self._resample_at = 0.0
+        self._resample_every = RESAMPLE_EVERY_S
+        self._window_version: Optional[int] = None
         self._layout_at = 0.0
         self._held = False
         self._suppressed_seen = (0, 0)
@@ -426,7 +433,11 @@ class Introspector:
             for a in self._sleep_sites:
                 self.backend.disarm(a)
             self._sleep_armed = False
-            self._resample_at = now + RESAMPLE_EVERY_S
+            if self._window_version is not None and self._window_version == self.model.version:
+                self._resample_every = min(RESAMPLE_MAX_S, self._resample_every * 2)
+            else:
+                self._resample_every = RESAMPLE_EVERY_S
+            self._resample_at = now + self._resample_every
         elif not self._sleep_armed and now >= self._resample_at:
             self._rearm_sleep(now)
 
@@ -436,6 +447,7 @@ class Introspector:
         self._sleep_armed = True
         with self.lock:
             self.model.resume_sampling(fresh=RESAMPLE_SAMPLES)
+            self._window_version = self.model.version
         self._resample_at = now + RESAMPLE_FOR_S
 
     # -- hold: no trap in the guest (before a save, snapshot or migration) ---
@@ -477,7 +489,7 @@ class Introspector:
         if self.status.state == "running" and not self._sleep_armed and not self._held and \
                 time.monotonic() >= self._resample_at:
             self.backend.request(lambda: self._rearm_sleep(time.monotonic()))
-            self._resample_at = time.monotonic() + RESAMPLE_EVERY_S
+            self._resample_at = time.monotonic() + self._resample_every
 
     # -- the agent asks ---------------------------------------------------
     def adapted(self) -> Dict[int, _adapt.Adapted]:

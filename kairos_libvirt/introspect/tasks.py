@@ -45,6 +45,9 @@ DEFAULT_FP_UTIL_PERMILLE = 100
 #: Consecutive consistent samples before a period (or busy time) that differs
 #: from the believed one is believed (hysteresis: no server change on one gap).
 PERIOD_CONFIRM = 5
+#: An exact period (the GCD of requested absolute wake-ups) is stable sooner: each
+#: trap costs the guest (docs/gdbcost.md), and this many exact multiples leave no doubt.
+STABLE_EXACT_SAMPLES = PERIOD_CONFIRM + 3
 #: A period is looked for among the minimum gap divided by 1..MAX_DIVISOR
 #: (inexact gaps only: exact ones give their GCD).
 MAX_DIVISOR = 16
@@ -532,6 +535,7 @@ class TaskModel:
 
     def stable(self) -> bool:
         """Every FIFO/RR task has a confirmed period: periodic sampling may slow down."""
-        return all(t.observed_period_ns is not None and t.periods.support >= STABLE_SAMPLES
+        return all(t.observed_period_ns is not None and t.periods.support >= (
+                       STABLE_EXACT_SAMPLES if t.periods.source == "abstime" else STABLE_SAMPLES)
                    and t.fresh_needed == 0
                    for t in self.rt_tasks() if t.policy in ("fifo", "rr"))

@@ -708,3 +708,49 @@ def test_cheap_traps_keep_sleep_sites_armed_and_no_layout(monkeypatch):
     assert 0x4000 in be.armed           # gdbstub would have disarmed it
     intro._discover_layout(be.read)
     assert not called and intro.layout is None
+
+
+def test_exact_periods_are_stable_sooner_than_measured_gaps():
+    from kairos_libvirt.introspect.tasks import STABLE_EXACT_SAMPLES
+    m = TaskModel()
+    m.apply(sched_ev("a", SchedRequest("fifo", 1)))
+    for i in range(STABLE_EXACT_SAMPLES + 1):          # n + 1 targets give n gaps
+        m.apply(sleep_ev("a", 10**9 + i * 4_000_000, t=i))
+    assert m.stable() and m.tasks["a"].periods.source == "abstime"
+    r = TaskModel()
+    r.apply(sched_ev("b", SchedRequest("fifo", 1)))
+    for i in range(STABLE_EXACT_SAMPLES + 2):
+        r.apply(sleep_ev("b", 3_000_000, absolute=False, t=i * 4_000_000))
+    assert not r.stable()                              # relative gaps need STABLE_SAMPLES
+
+
+def test_resampling_backs_off_while_windows_confirm_and_resets_on_a_change():
+    from kairos_libvirt.introspect.tasks import STABLE_EXACT_SAMPLES
+    be = FakeBackend()
+    intro = runtime.Introspector(be, lambda read: FakeSymbols(),
+                                 {0: VcpuSched("deadline", 1_000_000, 10_000_000)},
+                                 {0: Fraction(1, 2)})
+    intro._sleep_sites = [0x4000]
+    be.armed.add(0x4000)
+    intro.model.apply(sched_ev("a", SchedRequest("fifo", 1)))
+    t = [0]
+
+    def window(n=runtime.RESAMPLE_SAMPLES + 1):   # the same 4 ms period; then the policy decides
+        for _ in range(n):
+            t[0] += 1
+            intro.model.apply(sleep_ev("a", 10**9 + t[0] * 4_000_000, t=t[0]))
+        intro._sampling_policy()
+    window(STABLE_EXACT_SAMPLES + 1)
+    assert 0x4000 not in be.armed and intro._resample_every == runtime.RESAMPLE_EVERY_S
+    everies = []
+    for _ in range(6):
+        intro._rearm_sleep(0.0)
+        assert 0x4000 in be.armed
+        window()
+        everies.append(intro._resample_every)
+    assert everies == [20.0, 40.0, 80.0, 160.0, 160.0, 160.0]
+    # A window in which the model moved (a new task) brings the interval back.
+    intro._rearm_sleep(0.0)
+    intro.model.apply(sched_ev("b", SchedRequest("deadline", 0, 1_000_000, 10_000_000, 10_000_000)))
+    window()
+    assert intro._resample_every == runtime.RESAMPLE_EVERY_S
