@@ -57,6 +57,11 @@ ATTACH_RETRY_MAX_S = 60.0
 #: How often physical memory is polled for the booted kernel (no VM stop).
 BOOT_POLL_S = 0.25
 LAYOUT_RETRY_S = 5.0
+#: The census of guest tasks (introspect/census.py), from physical memory with the
+#: VM running: how often; and how many censuses in a row must miss a task that only
+#: the census knows before it is forgotten (a walk racing the guest can miss one).
+CENSUS_S = 1.0
+CENSUS_MISSES = 2
 #: Task keys remembered as not real-time (a bound against a guest forking without end).
 MAX_NOT_RT = 4096
 
@@ -104,6 +109,11 @@ class Introspector:
         #: Task keys read and found not real-time (their later sched_* calls are trapped).
         self._not_rt: set = set()
         self.discovered = 0
+        self.census = None
+        self.census_runs = 0
+        self.census_errors = 0
+        self._census_misses: Dict[str, int] = {}
+        self._census_thread: Optional[threading.Thread] = None
         self.rsyms = None
         self._analysed_version = -1
         self._adapted: Dict[int, _adapt.Adapted] = {}
@@ -182,6 +192,10 @@ class Introspector:
         log.info("introspection (%s) running%s: %s", self.backend.name,
                  " (held: sites stay disarmed)" if self._held else "",
                  ", ".join(f"{k}@{a:#x}" for k, a in self.status.sites.items()))
+        if self.census is not None:
+            self._census_thread = threading.Thread(target=self._census_loop, name="kairos-census",
+                                                   daemon=True)
+            self._census_thread.start()
         try:
             self.backend.run(self._on_hit, self.stop_event)
         except KairosError as exc:
@@ -198,6 +212,7 @@ class Introspector:
         self._sleep_sites.clear()
         self.layout = None
         self.sched_layout = None
+        self.census = None
         self._kread = None
         self._not_rt.clear()
 
@@ -275,6 +290,19 @@ class Introspector:
                               f"{got[:16]!r}): physical memory and the running kernel disagree")
         self._arm_plan(plan)
         self._check_attach_stop()
+        self._start_census(kread)
+
+    def _start_census(self, kread: Callable[[int, int], bytes]) -> None:
+        """The census needs the stop-free reader: through the gdbstub it would stop the guest."""
+        from .census import Census
+        if self.layout is None or self.sched_layout is None:
+            return
+        try:
+            self.census = Census(kread, self.rsyms, self.layout)
+        except KairosError as exc:
+            note = f"no census of guest tasks (tasks set real-time before the attach are found at their first trap): {exc}"
+            self.status.notes.append(note)
+            log.warning("%s", note)
 
     def _attach_stopped(self) -> None:
         """The order for backends without stop-free reads: everything inside the attach stop."""
@@ -418,6 +446,63 @@ class Introspector:
             self._not_rt.clear()
         self._not_rt.add(ev.task_key)
         return None
+
+    # -- the census (its own thread, VM running) -------------------------------
+    def _census_loop(self) -> None:
+        while not self.stop_event.wait(CENSUS_S):
+            try:
+                self.census_once()
+            except KairosError as exc:       # the guest changed its lists while we read
+                self.census_errors += 1
+                log.debug("census: %s", exc)
+
+    def census_once(self) -> bool:
+        """Read every guest task; learn the RT ones no trap has shown, forget those gone.
+
+        Returns True if the model changed.  Only tasks the census itself
+        brought in are forgotten by it (after CENSUS_MISSES censuses without
+        them); what a trapped call taught is the trap's to undo.
+        """
+        from . import schedlayout
+        from .plan import GuestEvent
+        census, sl = self.census, self.sched_layout
+        if census is None or sl is None:
+            return False
+        now = time.monotonic_ns()
+        rt: Dict[str, tuple] = {}
+        for ref in census.tasks():
+            try:
+                state, sl = schedlayout.read_sched(census.read, ref.addr, sl)
+            except KairosError:
+                continue
+            if state.realtime:
+                rt[ref.key] = (ref, state)
+        self.sched_layout = sl
+        self.census_runs += 1
+        changed = False
+        with self.lock:
+            for key, (ref, state) in rt.items():
+                self._census_misses.pop(key, None)
+                ev = GuestEvent("census", key, None, now, tid=ref.tid, comm=ref.comm)  # type: ignore[arg-type]
+                if self.model.discover(ev, state.policy, state.priority or None, state.runtime_ns,
+                                       state.deadline_ns, state.period_ns):
+                    changed = True
+                    self.discovered += 1
+                    log.info("guest task %s (tid %d) runs %s: found by the census", ref.comm,
+                             ref.tid, state.policy)
+            for t in list(self.model.tasks.values()):
+                if t.origin != "memory" or t.key in rt:
+                    continue
+                n = self._census_misses[t.key] = self._census_misses.get(t.key, 0) + 1
+                if n >= CENSUS_MISSES and self.model.forget(t.key):
+                    del self._census_misses[t.key]
+                    changed = True
+                    log.info("guest task %s (tid %s) is gone or no longer real-time", t.comm, t.tid)
+            if changed:
+                self._last_change = time.monotonic()
+                if self._dirty_since is None:
+                    self._dirty_since = self._last_change
+        return changed
 
     def _sampling_policy(self) -> None:
         """Learn periods, then stop paying for clock_nanosleep traps (re-sample now and then).

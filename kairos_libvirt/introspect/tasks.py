@@ -394,6 +394,14 @@ class TaskModel:
         self.version += 1
         return True
 
+    def forget(self, key: str) -> bool:
+        """The task is gone or no longer real-time, as its task_struct says (a census)."""
+        if self.tasks.pop(key, None) is None:
+            return False
+        self.version += 1
+        self.structure += 1
+        return True
+
     def apply(self, ev: GuestEvent) -> bool:
         """Feed one event; True if the analysis input changed."""
         self.events += 1

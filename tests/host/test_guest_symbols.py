@@ -19,6 +19,8 @@ import pytest
 from kairos_libvirt.introspect import kallsyms
 from kairos_libvirt.introspect.layout import current_task, discover_layout, percpu_base, task_ident, task_list
 from kairos_libvirt.introspect.rsp.client import RspClient
+from kairos_libvirt.introspect.census import Census
+from kairos_libvirt.introspect.plan import PT_REGS_SIZE, THREAD_SIZE
 from kairos_libvirt.introspect.schedlayout import SchedState, discover_sched_layout, read_sched
 from kairos_libvirt.introspect.symbols import GuestSymbols, fentry_site, find_slide
 from tests.conftest import skip_or_fail
@@ -33,7 +35,10 @@ BOOT_TIMEOUT = 90.0
 #: Each prints a mark once its policy is set (the shell runs under it), then becomes "sleep".
 #: (The mark carries the shell's pid: the guest's RUN line echoes the command itself.)
 RT_PROGRAMS = tuple(f"chrt {how} sh -c 'echo KAIROS-RT-SET-$$; exec sleep 100000'" for how in (
-    "-f 42", "-r 7", "-d --sched-runtime 2000000 --sched-deadline 5000000 --sched-period 10000000 0"))
+    "-f 42", "-r 7", "-d --sched-runtime 2000000 --sched-deadline 5000000 --sched-period 10000000 0")) + (
+    # A multi-threaded RT program: cyclictest's measuring thread runs SCHED_FIFO 80, its main thread not.
+    "cyclictest -q -m -p 80 -i 4000 -t 1 & until cat /proc/$!/task/*/stat | "
+    "awk '$41 == 1 {f = 1} END {exit !f}'; do sleep 0.2; done; echo KAIROS-RT-SET-$$; wait",)
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
@@ -195,3 +200,24 @@ def test_policies_set_before_the_attach_read_from_task_structs(guest, from_vmlin
         key=repr), states["sleep"]
     assert sl.dl is not None
     record_property("sched_layout", repr(sl))
+
+
+def test_census_finds_threads_and_their_trap_keys(guest, from_vmlinuz, record_property):
+    rt = from_vmlinuz.runtime(find_slide(guest.read, from_vmlinuz))
+    layout = discover_layout(guest.read, rt)
+    sl = discover_sched_layout(guest.read, rt, layout)
+    census = Census(guest.read, rt, layout)
+    tasks = timed(guest, "census", census.tasks)
+    assert census.thread_off is not None
+    procs = {tid for _, tid, _, _ in task_list(guest.read, rt, layout)}
+    cyc = [t for t in tasks if t.comm == "cyclictest"]
+    assert len(cyc) == 2 and len({t.tgid for t in cyc}) == 1, cyc   # main thread + measuring thread
+    (thread,) = [t for t in cyc if t.tid != t.tgid]
+    assert thread.tid not in procs                                   # only the census sees it
+    assert read_sched(guest.read, thread.addr, sl)[0] == SchedState("fifo", 80)
+    # Its key is where its pt_regs sit: the top of its 16 KiB stack.
+    key = int(thread.key, 16)
+    assert (key + PT_REGS_SIZE) % THREAD_SIZE == 0 and len({t.key for t in tasks}) == len(tasks)
+    print(f"\ncensus: {len(tasks)} tasks, {len(procs)} processes, thread list at "
+          f"{census.thread_off:#x}, stack at {census.stack_off:#x}")
+    record_property("census_tasks", len(tasks))

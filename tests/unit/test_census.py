@@ -1,0 +1,132 @@
+"""The census of guest tasks (introspect/census.py) on synthetic guest memory: threads through
+their list (thread_group-style, and thread_node-style with the signal head in the ring), trap
+keys from task->stack, and the introspector learning and forgetting tasks from it.
+"""
+from __future__ import annotations
+
+import struct
+from fractions import Fraction
+
+import pytest
+
+from kairos_libvirt.introspect import census as cs
+from kairos_libvirt.introspect import layout as lay
+from kairos_libvirt.introspect import runtime
+from kairos_libvirt.introspect.plan import PT_REGS_SIZE, THREAD_SIZE
+from kairos_libvirt.introspect.schedlayout import SchedLayout
+from kairos_libvirt.introspect.symbols import SymbolError
+from kairos_libvirt.model import VcpuSched
+from tests.unit.test_introspect_runtime import FakeBackend
+from tests.unit.test_schedlayout import OTHER, POLICY, PRIO, fifo, plant
+from tests.unit.test_symbols import _put, task_memory
+
+STACK, THREADS = 0x20, 0xa20
+STACKS = 0xffffc90000100000
+DIRECT = 0xffff888001000000
+
+
+def with_threads(signal_head=False):
+    """init, kthreadd, cyclictest (+1 thread, FIFO 80), rtapp (+2 threads); stacks planted."""
+    k, rt, tasks = task_memory(names=("init", "kthreadd", "cyclictest", "rtapp"))
+    mem = k.mem
+    extra = [DIRECT + 0x100000 + i * 0x4000 for i in range(3)]
+    for t in extra:
+        mem.map(t, bytes(0x4000))
+    every = tasks + extra
+    for i, t in enumerate(every):
+        _put(mem, t, STACK, "<Q", STACKS + i * THREAD_SIZE)
+        _put(mem, t, THREADS, "<QQ", t + THREADS, t + THREADS)     # empty: single-threaded
+        plant(mem, t, OTHER)
+    # Threads: cyclictest (pid 3) + tid 10; rtapp (pid 4) + tids 11, 12.
+    for addr, tid, tgid, name in ((extra[0], 10, 3, b"cyclictest"), (extra[1], 11, 4, b"rtapp"),
+                                  (extra[2], 12, 4, b"rtapp")):
+        _put(mem, addr, lay_pid(), "<ii", tid, tgid)
+        mem.map(addr + 0xba0, name + bytes(16 - len(name)))
+    ring(mem, [tasks[3], extra[0]], signal_head)
+    ring(mem, [tasks[4], extra[1], extra[2]], signal_head)
+    plant(mem, extra[0], fifo(80))
+    return k, rt, tasks, extra
+
+
+def lay_pid():
+    return 0x970
+
+
+def ring(mem, members, signal_head):
+    nodes = [m + THREADS for m in members]
+    if signal_head:            # 6.7+: signal->thread_head is in the ring too
+        head = DIRECT + 0x200000 + len(members) * 0x100
+        mem.map(head, bytes(16))
+        nodes.append(head)
+    for i, n in enumerate(nodes):
+        mem.map(n, struct.pack("<QQ", nodes[(i + 1) % len(nodes)], nodes[i - 1]))
+
+
+def init_stack_of(k, rt):
+    _put(k.mem, rt.resolve("init_task"), STACK, "<Q", rt.resolve("init_stack"))
+
+
+@pytest.mark.parametrize("signal_head", [False, True])
+def test_census_lists_processes_and_threads_with_their_trap_keys(signal_head):
+    k, rt, tasks, extra = with_threads(signal_head)
+    init_stack_of(k, rt)
+    layout = lay.discover_layout(k.mem.read, rt)
+    c = cs.Census(k.mem.read, rt, layout)
+    assert c.stack_off == STACK
+    got = c.tasks()
+    assert c.thread_off == THREADS
+    assert sorted((t.tid, t.tgid, t.comm) for t in got) == [
+        (0, 0, "swapper/0"), (1, 1, "init"), (2, 2, "kthreadd"), (3, 3, "cyclictest"),
+        (4, 4, "rtapp"), (10, 3, "cyclictest"), (11, 4, "rtapp"), (12, 4, "rtapp")]
+    t10 = next(t for t in got if t.tid == 10)
+    stack = STACKS + (len(tasks)) * THREAD_SIZE         # extra[0] is task number len(tasks)
+    assert t10.key == f"{stack + THREAD_SIZE - PT_REGS_SIZE:#x}" and t10.addr == extra[0]
+
+
+def test_no_thread_list_before_a_multi_threaded_process():
+    k, rt, tasks = task_memory(names=("init", "kthreadd"))
+    for t in tasks:
+        _put(k.mem, t, THREADS, "<QQ", t + THREADS, t + THREADS)
+    layout = lay.discover_layout(k.mem.read, rt)
+    assert cs.discover_thread_offset(k.mem.read, lay.task_list(k.mem.read, rt, layout), layout) is None
+
+
+def test_stack_offset_must_be_unique_and_stacks_aligned():
+    k, rt, tasks, extra = with_threads()
+    with pytest.raises(SymbolError, match="init_stack"):
+        cs.discover_stack_offset(k.mem.read, rt)       # init_task does not hold it yet
+    init_stack_of(k, rt)
+    _put(k.mem, tasks[1], STACK, "<Q", STACKS + 8)     # not THREAD_SIZE aligned
+    with pytest.raises(SymbolError, match="aligned"):
+        cs.task_key(k.mem.read, tasks[1], STACK)
+
+
+# -- the introspector's census ------------------------------------------------
+
+class FakeCensus:
+    def __init__(self, mem, refs):
+        self.read, self.refs = mem.read, refs
+
+    def tasks(self):
+        return list(self.refs)
+
+
+def test_introspector_census_learns_and_forgets_memory_tasks():
+    be = FakeBackend()
+    intro = runtime.Introspector(be, lambda read: None, {0: VcpuSched("deadline", 10**6, 10**7)},
+                                 {0: Fraction(1, 2)})
+    intro.sched_layout = SchedLayout(PRIO, POLICY)
+    a, b = 0xffff888003000000, 0xffff888003004000
+    for addr, state in ((a, fifo(80)), (b, OTHER)):
+        be.mem.put(addr, bytes(0x400))
+        plant(be.mem, addr, state)
+    refs = [cs.TaskRef(a, 10, 3, "cyclictest", "0xk10"), cs.TaskRef(b, 11, 3, "cyclictest", "0xk11")]
+    intro.census = FakeCensus(be.mem, refs)
+    assert intro.census_once()
+    snap = intro.tasks_snapshot()
+    assert [(t["key"], t["policy"], t["priority"], t["origin"]) for t in snap] == [
+        ("0xk10", "fifo", 80, "memory")]
+    assert not intro.census_once()                      # nothing new
+    refs.pop(0)                                         # the thread is gone
+    assert not intro.census_once()                      # one miss is not enough (a racing walk)
+    assert intro.census_once() and intro.tasks_snapshot() == []
