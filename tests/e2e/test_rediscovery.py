@@ -2,10 +2,11 @@
 
 The agent learns RT tasks from their sched_* calls; a task that made that call
 before the attach (a guest booting under host load is attached tens of
-seconds after init started its programs) is found at its first trap instead,
-from its task_struct (introspect/schedlayout.py).  Made deterministic with
-``kairosvm hold``: while held no site is armed, so unmodified cyclictest sets
-SCHED_FIFO 80 unseen; the guest says so from its own /proc; then unhold.
+seconds after init started its programs) is found by the census of the guest's
+task list (introspect/census.py, read from memory with the VM running) and its
+task_struct (introspect/schedlayout.py).  Made deterministic with ``kairosvm
+hold``: while held no site is armed, so unmodified cyclictest sets SCHED_FIFO
+80 unseen; the guest says so from its own /proc; then unhold.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def cli(*args):
                           capture_output=True, text=True, timeout=BOOT_AND_ATTACH_S + 30)
 
 
-def test_task_set_fifo_while_no_trap_was_armed_is_learnt_at_its_first_sleep(domains):
+def test_task_set_fifo_while_no_trap_was_armed_is_found_by_the_census(domains):
     name = domains.define('<kairos:default policy="deadline" runtime="2ms" period="10ms"/>'
                           '<kairos:introspection backend="gdbstub" ceiling="0.6"/>',
                           vcpus=1, cmdline=RUN)
@@ -50,7 +51,18 @@ def test_task_set_fifo_while_no_trap_was_armed_is_learnt_at_its_first_sleep(doma
     assert res.returncode == 0 and "held: no trap armed" in res.stdout, res
     wait_until(lambda: re.search(r"KAIROS-CT-FIFO-\d+", console(name)), BOOT_AND_ATTACH_S, 0.5,
                "cyclictest to run SCHED_FIFO in the guest")
-    assert state(name).tasks == []          # its sched_setscheduler call went unseen
+    hits = state(name).introspection["hits"]
+
+    # Its sched_setscheduler call went unseen (held), yet the census of the guest's
+    # task list, read from memory with the VM running, finds the measuring thread.
+    def found():
+        for t in state(name).tasks:
+            if t["policy"] == "fifo" and t["priority"] == 80:
+                return t
+        return None
+    t = wait_until(found, 60, 0.5, "the census to find cyclictest's thread")
+    assert t["origin"] == "memory" and t["comm"] == "cyclictest" and t["tid"]
+    assert state(name).introspection["hits"] == hits == 0      # no trap was needed
     res = cli("unhold", name)
     assert res.returncode == 0 and "traps armed again" in res.stdout, res
 
