@@ -58,7 +58,8 @@ INTRO_COUNTERS = ("hits", "decoded", "rejected", "suppressed", "handler_ns", "ev
                   "server_changes", "server_flips",
                   "stopped_ns", "stops", "longest_stop_ns", "peak_window_ns", "long_stops",
                   "attach_stops", "attach_longest_ns", "budget_waits", "budget_wait_ns",
-                  "budget_window_ns", "budget_max_stop_ns")
+                  "budget_window_ns", "budget_max_stop_ns", "budget_hit_cost_ns", "charged_ns",
+                  "census_runs", "discovered")
 
 
 @dataclass

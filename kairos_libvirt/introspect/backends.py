@@ -71,10 +71,46 @@ def make(kind: str, name: str, dom, qemu_pid: int, domain_dir: str,
                 log.warning("guest memory map: %s; reading the low 2 GiB only", exc)
         return guestmem.open_guest_ram(qemu_pid, ram, layout)
 
+    from dataclasses import replace
     from .budget import StopBudget, spec_from_json
+    cost, why = hit_cost_ns(dom)
+    if why:
+        log.info("%s", why)
+    spec = replace(spec_from_json(budget), hit_cost_ns=cost)
     return GdbstubBackend(open_server, close_server, os.path.join(domain_dir, "gdb"),
-                          budget=StopBudget(spec_from_json(budget)),
-                          guest_memory=guest_memory), note
+                          budget=StopBudget(spec), guest_memory=guest_memory), note
+
+
+#: Host CPU one gdbstub breakpoint hit makes a TCG guest spend re-translating its
+#: code, with its clock running (bench/gdbcost on this project's hosts: 15-27 ms).
+TCG_FLUSH_COST_NS = 20_000_000
+#: The first QEMU whose gdbstub no longer flushes at a breakpoint stop ("gdbstub:
+#: Remove tb_flush uses", qemu-devel 2025-09-24, after 10.1).
+QEMU_NO_FLUSH = (10, 2)
+
+
+def hit_cost_ns(dom) -> Tuple[int, Optional[str]]:
+    """(what one breakpoint hit costs the guest beyond its stop, why) for this domain's QEMU.
+
+    QEMU before 10.2 calls tb_flush() at every gdbstub stop for a breakpoint
+    (gdbstub.c, gdb_vm_state_change, RUN_STATE_DEBUG): under TCG the guest
+    then re-translates everything it runs (docs/gdbcost.md).  Under KVM the
+    flush is a no-op.  Unknown (no libvirt answer): assume the flush.
+    """
+    import libvirt
+    from lxml import etree
+    try:
+        kind = etree.fromstring(dom.XMLDesc(0)).get("type")
+        v = dom.connect().getVersion()
+    except (libvirt.libvirtError, etree.XMLSyntaxError):
+        return TCG_FLUSH_COST_NS, "cannot tell the domain's accelerator or QEMU version: " \
+            "every gdbstub hit is charged as a TCG translation flush"
+    version = (v // 1_000_000, v // 1000 % 1000)
+    if kind != "qemu" or version >= QEMU_NO_FLUSH:
+        return 0, None
+    return TCG_FLUSH_COST_NS, (f"TCG guest under QEMU {version[0]}.{version[1]}: every gdbstub hit "
+                               f"flushes its translated code; the stop budget charges each hit "
+                               f"{TCG_FLUSH_COST_NS // 1_000_000} ms beyond its stop")
 
 
 def trusted_file(path: str) -> bool:

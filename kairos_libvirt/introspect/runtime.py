@@ -618,7 +618,8 @@ class Introspector:
 
     def adaptation_counters(self) -> Dict[str, int]:
         """For the live state (state.INTRO_COUNTERS): server changes and flips."""
-        return {"server_changes": self.server_changes, "server_flips": self.server_flips}
+        return {"server_changes": self.server_changes, "server_flips": self.server_flips,
+                "census_runs": self.census_runs, "discovered": self.discovered}
 
     def tasks_snapshot(self) -> list:
         with self.lock:

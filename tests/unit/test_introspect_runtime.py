@@ -671,8 +671,10 @@ def test_make_refuses_unknown_and_falls_back(monkeypatch, tmp_path):
         backends.make("gdbstub", "d", None, 1, str(tmp_path))
     from kairos_libvirt.introspect import kvmud_backend
     monkeypatch.setattr(kvmud_backend, "available", lambda: False)
-    be, note = backends.make("kvm-ud", "d", object(), 1, str(tmp_path))
+    from tests.unit.test_stop_budget import FakeDom
+    be, note = backends.make("kvm-ud", "d", FakeDom("qemu", 7_002_022), 1, str(tmp_path))
     assert be.name == "gdbstub" and "falling back to gdbstub" in note
+    assert be.budget.spec.hit_cost_ns == backends.TCG_FLUSH_COST_NS     # TCG, QEMU 7.2
 
 
 def test_symbol_loader_falls_back_to_memory(monkeypatch, tmp_path):

@@ -373,9 +373,10 @@ def test_make_picks_kvm_ud_or_says_why_not(monkeypatch, tmp_path):
     be, note = backends.make("kvm-ud", "d", None, 4242, str(tmp_path))
     assert isinstance(be, KvmUdBackend) and be.name == "kvm-ud" and note is None and be.qemu_pid == 4242
     monkeypatch.setattr(kvmud, "find_vm_fds", lambda pid: [])
-    be, note = backends.make("kvm-ud", "d", object(), 4242, str(tmp_path))
+    from tests.unit.test_stop_budget import FakeDom
+    be, note = backends.make("kvm-ud", "d", FakeDom("qemu", 7_002_022), 4242, str(tmp_path))
     assert be.name == "gdbstub" and "without KVM (TCG)" in note and "falling back to gdbstub" in note
     monkeypatch.setattr(kvmud, "patched_kvm_loaded", lambda path=kvmud.PARAM_PATH: False)
     monkeypatch.setattr(kvmud, "api_version", lambda path=kvmud.PARAM_PATH: 1)
-    be, note = backends.make("kvm-ud", "d", object(), 4242, str(tmp_path))
-    assert be.name == "gdbstub" and "API 1" in note
+    be, note = backends.make("kvm-ud", "d", FakeDom("kvm", 7_002_022), 4242, str(tmp_path))
+    assert be.name == "gdbstub" and "API 1" in note and be.budget.spec.hit_cost_ns == 0

@@ -106,6 +106,52 @@ def test_waiting_time_is_accounted():
     assert b.report()["budget_wait_ns"] == 300 * MS
 
 
+def test_a_hit_is_charged_its_cost_beyond_the_stop_interrupts_are_not():
+    b = budget(share=Fraction(5, 100), max_stop=10 * MS, hit_cost_ns=20 * MS)   # 50 ms a second
+    clock = b.clock
+    assert b.expected_ns == 30 * MS                       # a stop and the flush after it
+    b.record(clock.t, clock.t + 2 * MS, kind="trap")
+    b.record(clock.t + 100 * MS, clock.t + 102 * MS, kind="control")
+    clock.t += 200 * MS
+    assert b.stopped_in(clock.t - S, clock.t) == 2 * MS + 20 * MS + 2 * MS
+    assert b.total_ns == 4 * MS and b.charged_ns == 20 * MS   # what the VM really stood
+    assert b.expected_ns == 3 * MS + 20 * MS
+    assert b.can_stop() and not b.can_stop(n=2)           # 24 + 23 fits 50; 24 + 46 does not
+    r = b.report()
+    assert r["budget_hit_cost_ns"] == 20 * MS and r["charged_ns"] == 20 * MS
+
+
+class FakeDom:
+    def __init__(self, kind, version, fail=False):
+        self.kind, self.version, self.fail = kind, version, fail
+
+    def XMLDesc(self, flags):
+        if self.fail:
+            import libvirt
+            raise libvirt.libvirtError("gone")
+        return f"<domain type='{self.kind}'><name>x</name></domain>"
+
+    def connect(self):
+        return self
+
+    def getVersion(self):
+        return self.version
+
+
+@pytest.mark.parametrize("kind, version, cost", [
+    ("qemu", 7_002_022, 20 * MS), ("qemu", 10_001_000, 20 * MS), ("qemu", 10_002_000, 0),
+    ("kvm", 7_002_022, 0)])
+def test_hit_cost_follows_the_accelerator_and_the_qemu_version(kind, version, cost):
+    from kairos_libvirt.introspect.backends import hit_cost_ns
+    got, why = hit_cost_ns(FakeDom(kind, version))
+    assert got == cost and (why is not None) == bool(cost)
+
+
+def test_hit_cost_unknown_is_charged():
+    from kairos_libvirt.introspect.backends import TCG_FLUSH_COST_NS, hit_cost_ns
+    assert hit_cost_ns(FakeDom("qemu", 0, fail=True))[0] == TCG_FLUSH_COST_NS
+
+
 def test_the_spec_refuses_a_stop_longer_than_the_share():
     with pytest.raises(AssertionError):
         BudgetSpec(share=Fraction(1, 100), max_stop_ns=20 * MS)
