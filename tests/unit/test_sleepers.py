@@ -10,7 +10,7 @@ may only ever produce SymbolError or None.
 from __future__ import annotations
 
 import struct
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 import pytest
 from hypothesis import HealthCheck, given, settings
