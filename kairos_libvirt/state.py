@@ -59,7 +59,7 @@ INTRO_COUNTERS = ("hits", "decoded", "rejected", "suppressed", "handler_ns", "ev
                   "stopped_ns", "stops", "longest_stop_ns", "peak_window_ns", "long_stops",
                   "attach_stops", "attach_longest_ns", "budget_waits", "budget_wait_ns",
                   "budget_window_ns", "budget_max_stop_ns", "budget_hit_cost_ns", "charged_ns",
-                  "census_runs", "discovered")
+                  "census_runs", "discovered", "sleep_samples")
 
 
 @dataclass

@@ -15,8 +15,8 @@ task_structs of the same tgid (``thread_group`` up to Linux 6.6; from 6.7
 that is no task).  Its offset is found on the first multi-threaded process.
 
 A task's key is its pt_regs address (plan.task_key_from_rsp), the same the
-traps compute: ``task->stack + THREAD_SIZE - PT_REGS_SIZE``.  ``stack`` is
-found from ``init_task``, whose stack is the kernel's ``init_stack``.
+traps compute: ``task->stack + THREAD_SIZE - PT_REGS_SIZE`` (sleepers.py finds
+``stack``).  The reader must reach vmalloc (kernel stacks): sleepers.PageWalker.
 """
 from __future__ import annotations
 
@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from .layout import TaskLayout, task_ident, task_list
-from .plan import PT_REGS_SIZE, THREAD_SIZE
+from .plan import PT_REGS_SIZE
+from .sleepers import discover_stack_offset, task_stack_top
 from .symbols import Reader, RuntimeSymbols, SymbolError, read_exact, try_read
 
-__all__ = ["Census", "TaskRef", "discover_stack_offset", "discover_thread_offset", "all_tasks"]
+__all__ = ["Census", "TaskRef", "discover_thread_offset", "all_tasks", "task_key"]
 
-#: Bytes of init_task searched for ``stack`` (it is the second member after thread_info).
-STACK_SCAN = 256
 #: Bounds: threads per process, tasks in all.
 MAX_THREADS = 4096
 MAX_ALL = 1 << 16
@@ -47,23 +46,9 @@ class TaskRef:
     key: str      #: its pt_regs address, as the traps name it
 
 
-def discover_stack_offset(read: Reader, syms: RuntimeSymbols) -> int:
-    """Offset of ``void *stack`` in task_struct: where init_task holds ``&init_stack``."""
-    init = read_exact(read, syms.resolve("init_task"), STACK_SCAN, "init_task")
-    want = syms.resolve("init_stack")
-    hits = [o for o in range(0, STACK_SCAN - 8, 8) if struct.unpack_from("<Q", init, o)[0] == want]
-    if len(hits) != 1:
-        raise SymbolError(f"init_task holds init_stack ({want:#x}) at {len(hits)} offsets in its first "
-                          f"{STACK_SCAN} bytes: cannot tell task_struct.stack")
-    return hits[0]
-
-
 def task_key(read: Reader, task: int, stack_off: int) -> str:
-    stack, = struct.unpack("<Q", read_exact(read, task + stack_off, 8, f"stack of task {task:#x}"))
-    if stack < _KERNEL_HALF or stack % THREAD_SIZE:
-        raise SymbolError(f"task {task:#x}: stack {stack:#x} is not a THREAD_SIZE-aligned kernel "
-                          "address")
-    return f"{stack + THREAD_SIZE - PT_REGS_SIZE:#x}"
+    """The trap key of the task: its pt_regs, just below the top of its kernel stack."""
+    return f"{task_stack_top(read, task, stack_off) - PT_REGS_SIZE:#x}"
 
 
 def _ring(read: Reader, head: int, limit: int) -> Optional[List[int]]:
@@ -150,7 +135,7 @@ class Census:
 
     def __init__(self, read: Reader, syms: RuntimeSymbols, layout: TaskLayout) -> None:
         self.read, self.syms, self.layout = read, syms, layout
-        self.stack_off = discover_stack_offset(read, syms)
+        self.stack_off = discover_stack_offset(read, [t for t, *_ in task_list(read, syms, layout)[:3]])
         self.thread_off: Optional[int] = None
         self.errors: Dict[str, int] = {}
 

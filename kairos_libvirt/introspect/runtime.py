@@ -62,6 +62,11 @@ LAYOUT_RETRY_S = 5.0
 #: the census knows before it is forgotten (a walk racing the guest can miss one).
 CENSUS_S = 1.0
 CENSUS_MISSES = 2
+#: How often the sleep target of each known FIFO/RR task is read from guest memory
+#: (introspect/sleepers.py): the periods then need no trap at all.  Successive
+#: targets are whole periods apart whatever this interval (tasks.py, "abstime").
+SAMPLE_S = 0.02
+SLEEP_KINDS = ("clock_nanosleep", "nanosleep")
 #: Task keys remembered as not real-time (a bound against a guest forking without end).
 MAX_NOT_RT = 4096
 
@@ -114,6 +119,13 @@ class Introspector:
         self.census_errors = 0
         self._census_misses: Dict[str, int] = {}
         self._census_thread: Optional[threading.Thread] = None
+        #: Periods from memory (sleepers.py): the sleep sites then stay disarmed.
+        self._sampling = False
+        self._wakeup_fn = 0
+        self._addrs: Dict[str, int] = {}          # task key -> task_struct address
+        self._last_target: Dict[str, int] = {}
+        self.samples = 0
+        self.sample_errors = 0
         self.rsyms = None
         self._analysed_version = -1
         self._adapted: Dict[int, _adapt.Adapted] = {}
@@ -196,6 +208,8 @@ class Introspector:
             self._census_thread = threading.Thread(target=self._census_loop, name="kairos-census",
                                                    daemon=True)
             self._census_thread.start()
+        if self._sampling:
+            threading.Thread(target=self._sample_loop, name="kairos-sampler", daemon=True).start()
         try:
             self.backend.run(self._on_hit, self.stop_event)
         except KairosError as exc:
@@ -213,6 +227,7 @@ class Introspector:
         self.layout = None
         self.sched_layout = None
         self.census = None
+        self._sampling = False
         self._kread = None
         self._not_rt.clear()
 
@@ -277,6 +292,7 @@ class Introspector:
         self.rsyms = rsyms = syms.runtime(placed.slide)
         plan: ResolvedPlan = resolve_plan(rsyms.resolve, lambda a: fentry_site(kread, a))
         self._discover_layout(kread)
+        self._start_census(phys, placed)          # memory only: before the stop
         budget = getattr(self.backend, "budget", None)
         if budget is not None and not budget.can_attach():
             raise KairosError(f"the stop budget's attach allowance ({budget.spec.attach_limit} "
@@ -290,17 +306,31 @@ class Introspector:
                               f"{got[:16]!r}): physical memory and the running kernel disagree")
         self._arm_plan(plan)
         self._check_attach_stop()
-        self._start_census(kread)
 
-    def _start_census(self, kread: Callable[[int, int], bytes]) -> None:
-        """The census needs the stop-free reader: through the gdbstub it would stop the guest."""
+    def _start_census(self, phys, placed) -> None:
+        """The census and the sleep sampler read guest memory with the VM running (kernel image,
+        direct map and, through the kernel's page tables, vmalloc: the stacks).  Through the
+        gdbstub they would stop the guest, so only where QEMU's RAM is readable."""
         from .census import Census
+        from .sleepers import PageWalker
+        self.status.notes = [n for n in self.status.notes
+                             if not n.startswith(("no census", "periods from trapped"))]
         if self.layout is None or self.sched_layout is None:
             return
         try:
-            self.census = Census(kread, self.rsyms, self.layout)
+            self.census = Census(PageWalker(phys.read, placed, self.rsyms).reader(), self.rsyms,
+                                 self.layout)
         except KairosError as exc:
-            note = f"no census of guest tasks (tasks set real-time before the attach are found at their first trap): {exc}"
+            note = ("no census of guest tasks (tasks set real-time before the attach are found "
+                    f"at their first trap): {exc}")
+            self.status.notes.append(note)
+            log.warning("%s", note)
+            return
+        try:
+            self._wakeup_fn = self.rsyms.resolve("hrtimer_wakeup")
+            self._sampling = True
+        except KairosError as exc:
+            note = f"periods from trapped sleeps (each trap stops the guest): {exc}"
             self.status.notes.append(note)
             log.warning("%s", note)
 
@@ -333,10 +363,15 @@ class Introspector:
     def _arm_plan(self, plan: ResolvedPlan) -> None:
         self.backend.plan = plan
         self.status.notes.extend(plan.skipped)
+        # With periods read from memory, the hot sleep sites are never armed: on a
+        # TCG guest every hit flushes QEMU's translations (docs/gdbcost.md).
+        self._sleep_armed = not self._sampling
         for addr, site in plan.sites.items():
             self.status.sites[site.kind] = addr
-            if site.kind in ("clock_nanosleep", "nanosleep"):
+            if site.kind in SLEEP_KINDS:
                 self._sleep_sites.append(addr)
+                if self._sampling:
+                    continue
             if not self._held:
                 self.backend.arm(addr)
 
@@ -387,6 +422,8 @@ class Introspector:
             self.backend.counters.last_error = str(exc)
             return
         self.backend.counters.decoded += 1
+        if task is not None and ev.kind != "exit":
+            self._addrs[ev.task_key] = task
         found = self._read_unknown(ev, task, read)
         with self.lock:
             # A site the backend took off meanwhile (its rate limit, or the stop
@@ -478,6 +515,8 @@ class Introspector:
             if state.realtime:
                 rt[ref.key] = (ref, state)
         self.sched_layout = sl
+        self._addrs = {k: a for k, a in self._addrs.items() if k in self.model.tasks}
+        self._addrs.update((k, ref.addr) for k, (ref, _) in rt.items())
         self.census_runs += 1
         changed = False
         with self.lock:
@@ -504,6 +543,54 @@ class Introspector:
                     self._dirty_since = self._last_change
         return changed
 
+    # -- the sleep sampler (its own thread, VM running) --------------------------
+    def _sample_loop(self) -> None:
+        while not self.stop_event.wait(SAMPLE_S):
+            try:
+                self.sample_once()
+            except KairosError as exc:       # a stack being freed under us
+                self.sample_errors += 1
+                log.debug("sleep sampler: %s", exc)
+
+    def sample_once(self) -> int:
+        """Read where each known FIFO/RR task sleeps until; feed each new absolute target.
+
+        A periodic program advances its clock_nanosleep(TIMER_ABSTIME) target
+        by whole periods, so the targets seen, however rarely, are evidence
+        for its period exactly as the trapped calls were (tasks.py), with no
+        trap, no stop, no flush.  Relative sleeps are not (their target is the
+        call time plus the length): they are skipped.
+        """
+        from .decode import SleepRequest, Timespec
+        from .plan import PT_REGS_SIZE, GuestEvent
+        from .sleepers import sleep_target
+        census = self.census
+        if census is None or not self._sampling:
+            return 0
+        with self.lock:
+            todo = [(t.key, t.vcpu, t.tid, t.comm, self._addrs.get(t.key))
+                    for t in self.model.rt_tasks() if t.policy in ("fifo", "rr")]
+        fed = 0
+        for key, vcpu, tid, comm, addr in todo:
+            if addr is None or key.startswith("pid:"):
+                continue
+            got = sleep_target(census.read, int(key, 16) + PT_REGS_SIZE, addr, self._wakeup_fn)
+            if got is None or not got[1] or self._last_target.get(key) == got[0]:
+                continue
+            self._last_target[key] = got[0]
+            target = got[0]
+            ev = GuestEvent("sleep", key, vcpu, time.monotonic_ns(), tid=tid, comm=comm,
+                            sleep=SleepRequest(1, True, Timespec(target // 10**9, target % 10**9)))
+            with self.lock:
+                if self.model.apply(ev):
+                    now = time.monotonic()
+                    self._last_change = now
+                    if self._dirty_since is None:
+                        self._dirty_since = now
+            fed += 1
+        self.samples += fed
+        return fed
+
     def _sampling_policy(self) -> None:
         """Learn periods, then stop paying for clock_nanosleep traps (re-sample now and then).
 
@@ -511,7 +598,7 @@ class Introspector:
         across a pause are spans, a moved period needs PERIOD_CONFIRM fresh
         samples): re-sampling alone never changes a server.
         """
-        if getattr(self.backend, "cheap_traps", False) or self._held:
+        if getattr(self.backend, "cheap_traps", False) or self._held or self._sampling:
             return
         now = time.monotonic()
         if self._sleep_armed and self.model.stable() and self.model.rt_tasks():
@@ -572,7 +659,7 @@ class Introspector:
     def tick(self) -> None:
         """Called by the agent's loop: re-arm sampling when due (through the backend)."""
         if self.status.state == "running" and not self._sleep_armed and not self._held and \
-                time.monotonic() >= self._resample_at:
+                not self._sampling and time.monotonic() >= self._resample_at:
             self.backend.request(lambda: self._rearm_sleep(time.monotonic()))
             self._resample_at = time.monotonic() + self._resample_every
 
@@ -619,7 +706,8 @@ class Introspector:
     def adaptation_counters(self) -> Dict[str, int]:
         """For the live state (state.INTRO_COUNTERS): server changes and flips."""
         return {"server_changes": self.server_changes, "server_flips": self.server_flips,
-                "census_runs": self.census_runs, "discovered": self.discovered}
+                "census_runs": self.census_runs, "discovered": self.discovered,
+                "sleep_samples": self.samples}
 
     def tasks_snapshot(self) -> list:
         with self.lock:

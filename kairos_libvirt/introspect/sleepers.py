@@ -63,7 +63,7 @@ from typing import List, Optional, Sequence, Tuple
 from .plan import THREAD_SIZE
 from .symbols import KernelPlacement, Reader, RuntimeSymbols, SymbolError, read_exact, try_read
 
-__all__ = ["PageWalker", "sleep_expiry", "discover_stack_offset", "task_stack_top",
+__all__ = ["PageWalker", "sleep_expiry", "sleep_target", "discover_stack_offset", "task_stack_top",
            "SLEEPER_SIZE", "STACK_END_MAGIC", "MAX_READ"]
 
 PAGE = 4096
@@ -179,6 +179,21 @@ class PageWalker:
         return read
 
 
+def sleep_target(read: Reader, stack_top: int, task: int, wakeup_fn: int
+                 ) -> Optional[Tuple[int, bool]]:
+    """(target, absolute) of the task's sleep in progress, or None (see :func:`sleep_expiry`).
+
+    ``absolute``: the timer was armed in absolute mode (``hrtimer.is_rel`` 0,
+    the byte after ``state``): clock_nanosleep(TIMER_ABSTIME) of a periodic
+    program, whose successive targets are whole periods apart.  A relative
+    sleep's target is the call time plus its length: no such evidence.
+    """
+    raw = _live_sleeper(read, stack_top, task, wakeup_fn)
+    if raw is None:
+        return None
+    return struct.unpack_from("<q", raw, _SOFT)[0], raw[_STATE + 1] == 0
+
+
 def sleep_expiry(read: Reader, stack_top: int, task: int, wakeup_fn: int) -> Optional[int]:
     """The absolute wake-up target (ns, the hrtimer's own clock) of the task at *task*, or None.
 
@@ -192,6 +207,12 @@ def sleep_expiry(read: Reader, stack_top: int, task: int, wakeup_fn: int) -> Opt
     sleeper changed between two reads (the task just woke or re-armed).
     SymbolError only for memory that cannot be read.
     """
+    raw = _live_sleeper(read, stack_top, task, wakeup_fn)
+    return None if raw is None else struct.unpack_from("<q", raw, _SOFT)[0]
+
+
+def _live_sleeper(read: Reader, stack_top: int, task: int, wakeup_fn: int) -> Optional[bytes]:
+    """The raw live ``hrtimer_sleeper`` of the task, read twice alike; None if there is none."""
     if stack_top % THREAD_SIZE or not _KERNEL_HALF[5] + THREAD_SIZE <= stack_top <= _MASK64:
         return None      # not the top of a kernel stack: nothing sleeps there
     bottom = stack_top - THREAD_SIZE
@@ -210,7 +231,7 @@ def sleep_expiry(read: Reader, stack_top: int, task: int, wakeup_fn: int) -> Opt
     again = read_exact(read, bottom + sl, SLEEPER_SIZE, "an hrtimer_sleeper")
     if again != stack[sl:sl + SLEEPER_SIZE]:
         return None
-    return struct.unpack_from("<q", again, _SOFT)[0]
+    return again
 
 
 def _live(raw: bytes, task: int) -> bool:

@@ -14,6 +14,7 @@ from kairos_libvirt.introspect import layout as lay
 from kairos_libvirt.introspect import runtime
 from kairos_libvirt.introspect.plan import PT_REGS_SIZE, THREAD_SIZE
 from kairos_libvirt.introspect.schedlayout import SchedLayout
+from kairos_libvirt.introspect.sleepers import STACK_END_MAGIC
 from kairos_libvirt.introspect.symbols import SymbolError
 from kairos_libvirt.model import VcpuSched
 from tests.unit.test_introspect_runtime import FakeBackend
@@ -35,6 +36,7 @@ def with_threads(signal_head=False):
     every = tasks + extra
     for i, t in enumerate(every):
         _put(mem, t, STACK, "<Q", STACKS + i * THREAD_SIZE)
+        mem.map(STACKS + i * THREAD_SIZE, struct.pack("<Q", STACK_END_MAGIC))   # end of the stack
         _put(mem, t, THREADS, "<QQ", t + THREADS, t + THREADS)     # empty: single-threaded
         plant(mem, t, OTHER)
     # Threads: cyclictest (pid 3) + tid 10; rtapp (pid 4) + tids 11, 12.
@@ -62,14 +64,9 @@ def ring(mem, members, signal_head):
         mem.map(n, struct.pack("<QQ", nodes[(i + 1) % len(nodes)], nodes[i - 1]))
 
 
-def init_stack_of(k, rt):
-    _put(k.mem, rt.resolve("init_task"), STACK, "<Q", rt.resolve("init_stack"))
-
-
 @pytest.mark.parametrize("signal_head", [False, True])
 def test_census_lists_processes_and_threads_with_their_trap_keys(signal_head):
     k, rt, tasks, extra = with_threads(signal_head)
-    init_stack_of(k, rt)
     layout = lay.discover_layout(k.mem.read, rt)
     c = cs.Census(k.mem.read, rt, layout)
     assert c.stack_off == STACK
@@ -91,13 +88,10 @@ def test_no_thread_list_before_a_multi_threaded_process():
     assert cs.discover_thread_offset(k.mem.read, lay.task_list(k.mem.read, rt, layout), layout) is None
 
 
-def test_stack_offset_must_be_unique_and_stacks_aligned():
+def test_a_task_without_a_kernel_stack_has_no_key():
     k, rt, tasks, extra = with_threads()
-    with pytest.raises(SymbolError, match="init_stack"):
-        cs.discover_stack_offset(k.mem.read, rt)       # init_task does not hold it yet
-    init_stack_of(k, rt)
     _put(k.mem, tasks[1], STACK, "<Q", STACKS + 8)     # not THREAD_SIZE aligned
-    with pytest.raises(SymbolError, match="aligned"):
+    with pytest.raises(SymbolError, match="no kernel stack"):
         cs.task_key(k.mem.read, tasks[1], STACK)
 
 
@@ -130,3 +124,39 @@ def test_introspector_census_learns_and_forgets_memory_tasks():
     refs.pop(0)                                         # the thread is gone
     assert not intro.census_once()                      # one miss is not enough (a racing walk)
     assert intro.census_once() and intro.tasks_snapshot() == []
+
+
+def test_sampler_learns_the_period_from_sleep_targets_in_memory_without_a_trap():
+    from tests.unit.test_sleepers import LIVE_AT, TASK, WAKEUP, Kernel, sleeper, stacked
+    k = Kernel()
+    top = stacked(k, (LIVE_AT, sleeper(10**9, 10**9, TASK)))
+    key = f"{top - PT_REGS_SIZE:#x}"
+    be = FakeBackend()
+    intro = runtime.Introspector(be, lambda read: None, {0: VcpuSched("deadline", 10**6, 10**7)},
+                                 {0: Fraction(1, 2)})
+    intro.census = FakeCensus(k.ram, [])
+    intro.census.read = k.walker().reader()
+    intro._sampling, intro._wakeup_fn = True, WAKEUP
+    intro.model.tasks.clear()
+    from kairos_libvirt.introspect.plan import GuestEvent
+    intro.model.discover(GuestEvent("census", key, None, 0, tid=10, comm="cyclictest"), "fifo", 80)
+    intro._addrs[key] = TASK
+    skips = [1, 3, 2, 5, 1, 4, 2, 3, 1, 2, 6]          # whole periods between the samples
+    target = 10**9
+    for n in skips:
+        assert intro.sample_once() in (0, 1)
+        assert intro.sample_once() == 0                # the same target again: nothing new
+        target += n * 4 * MS
+        k.vwrite(top - THREAD_SIZE + LIVE_AT, sleeper(target, target, TASK))
+    intro.sample_once()
+    (t,) = intro.tasks_snapshot()
+    assert t["observed_period_ns"] == 4 * MS and t["period_source"] == "abstime"
+    assert intro.samples == len(skips) + 1 and be.counters.hits == 0
+    # A relative sleep (is_rel 1) says nothing of the period: skipped.
+    raw = bytearray(sleeper(target + 7, target + 7, TASK))
+    raw[57] = 1
+    k.vwrite(top - THREAD_SIZE + LIVE_AT, bytes(raw))
+    assert intro.sample_once() == 0
+
+
+MS = 1_000_000

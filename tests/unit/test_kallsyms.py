@@ -54,7 +54,6 @@ def sample_symbols(n: int = 1000, seed: int = 1, *, text: int = LINK_TEXT) -> Li
                        ("__x64_sys_sched_setattr", text + 0x1000, "T"),
                        ("linux_banner", text + 0x400100, "D"),
                        ("init_task", text + 0x600000, "D"),
-                       ("init_stack", text + 0x5fc000, "D"),
                        ("__per_cpu_offset", text + 0x608000, "D"),
                        ("dup_static", text + 0x3000, "t"), ("dup_static", text + 0x3010, "t"),
                        ("dup_mixed", text + 0x3020, "t"), ("dup_mixed", text + 0x3030, "T"),
