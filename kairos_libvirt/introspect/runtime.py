@@ -319,7 +319,7 @@ class Introspector:
             return
         try:
             self.census = Census(PageWalker(phys.read, placed, self.rsyms).reader(), self.rsyms,
-                                 self.layout)
+                                 self.layout, ncpus=max(self.declared, default=0) + 1)
         except KairosError as exc:
             note = ("no census of guest tasks (tasks set real-time before the attach are found "
                     f"at their first trap): {exc}")
@@ -496,9 +496,8 @@ class Introspector:
     def census_once(self) -> bool:
         """Read every guest task; learn the RT ones no trap has shown, forget those gone.
 
-        Returns True if the model changed.  Only tasks the census itself
-        brought in are forgotten by it (after CENSUS_MISSES censuses without
-        them); what a trapped call taught is the trap's to undo.
+        Returns True if the model changed.  A task is forgotten after
+        CENSUS_MISSES censuses without it (a walk racing the guest can miss one).
         """
         from . import schedlayout
         from .plan import GuestEvent
@@ -508,6 +507,8 @@ class Introspector:
         now = time.monotonic_ns()
         rt: Dict[str, tuple] = {}
         for ref in census.tasks():
+            if ref.kthread:
+                continue      # the guest kernel's own threads (migration/N...): no call of theirs is trapped either
             try:
                 state, sl = schedlayout.read_sched(census.read, ref.addr, sl)
             except KairosError:
@@ -522,15 +523,23 @@ class Introspector:
         with self.lock:
             for key, (ref, state) in rt.items():
                 self._census_misses.pop(key, None)
-                ev = GuestEvent("census", key, None, now, tid=ref.tid, comm=ref.comm)  # type: ignore[arg-type]
+                cpu = census.cpu_of(ref.addr)
+                if self.model.moved(key, cpu):
+                    changed = True
+                ev = GuestEvent("census", key, cpu, now, tid=ref.tid, comm=ref.comm)  # type: ignore[arg-type]
                 if self.model.discover(ev, state.policy, state.priority or None, state.runtime_ns,
                                        state.deadline_ns, state.period_ns):
                     changed = True
                     self.discovered += 1
                     log.info("guest task %s (tid %d) runs %s: found by the census", ref.comm,
                              ref.tid, state.policy)
+            # The kernel is the truth: a task the census (seeing every thread) finds gone
+            # or not real-time is forgotten, whatever taught it (its exit or sched_* call
+            # may have gone untrapped while the sites waited for the budget).  Without
+            # the thread list only the tasks the census itself brought in.
+            complete = getattr(census, "thread_off", None) is not None
             for t in list(self.model.tasks.values()):
-                if t.origin != "memory" or t.key in rt:
+                if t.key in rt or t.key.startswith("pid:") or not (complete or t.origin == "memory"):
                     continue
                 n = self._census_misses[t.key] = self._census_misses.get(t.key, 0) + 1
                 if n >= CENSUS_MISSES and self.model.forget(t.key):

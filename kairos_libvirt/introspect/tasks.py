@@ -394,6 +394,16 @@ class TaskModel:
         self.version += 1
         return True
 
+    def moved(self, key: str, vcpu: Optional[int]) -> bool:
+        """The task now runs on ``vcpu`` as its task_struct says (a census); True if it moved."""
+        t = self.tasks.get(key)
+        if t is None or vcpu is None or t.vcpu == vcpu:
+            return False
+        t.vcpu = vcpu
+        self.version += 1
+        self.structure += 1
+        return True
+
     def forget(self, key: str) -> bool:
         """The task is gone or no longer real-time, as its task_struct says (a census)."""
         if self.tasks.pop(key, None) is None:

@@ -212,6 +212,8 @@ def test_census_finds_threads_and_their_trap_keys(guest, from_vmlinuz, record_pr
     procs = {tid for _, tid, _, _ in task_list(guest.read, rt, layout)}
     cyc = [t for t in tasks if t.comm == "cyclictest"]
     assert len(cyc) == 2 and len({t.tgid for t in cyc}) == 1, cyc   # main thread + measuring thread
+    assert not any(t.kthread for t in cyc) and all(t.kthread for t in tasks if t.comm == "kthreadd")
+    assert all(t.kthread for t in tasks if t.comm.startswith("migration/"))
     (thread,) = [t for t in cyc if t.tid != t.tgid]
     assert thread.tid not in procs                                   # only the census sees it
     assert read_sched(guest.read, thread.addr, sl)[0] == SchedState("fifo", 80)

@@ -14,6 +14,7 @@ from kairos_libvirt.introspect import layout as lay
 from kairos_libvirt.introspect import runtime
 from kairos_libvirt.introspect.plan import PT_REGS_SIZE, THREAD_SIZE
 from kairos_libvirt.introspect.schedlayout import SchedLayout
+from kairos_libvirt.introspect.census import PF_KTHREAD
 from kairos_libvirt.introspect.sleepers import STACK_END_MAGIC
 from kairos_libvirt.introspect.symbols import SymbolError
 from kairos_libvirt.model import VcpuSched
@@ -35,6 +36,7 @@ def with_threads(signal_head=False):
         mem.map(t, bytes(0x4000))
     every = tasks + extra
     for i, t in enumerate(every):
+        _put(mem, t, STACK + 12, "<I", PF_KTHREAD if i in (0, 2) else 0x400100)   # task->flags
         _put(mem, t, STACK, "<Q", STACKS + i * THREAD_SIZE)
         mem.map(STACKS + i * THREAD_SIZE, struct.pack("<Q", STACK_END_MAGIC))   # end of the stack
         _put(mem, t, THREADS, "<QQ", t + THREADS, t + THREADS)     # empty: single-threaded
@@ -69,12 +71,14 @@ def test_census_lists_processes_and_threads_with_their_trap_keys(signal_head):
     k, rt, tasks, extra = with_threads(signal_head)
     layout = lay.discover_layout(k.mem.read, rt)
     c = cs.Census(k.mem.read, rt, layout)
-    assert c.stack_off == STACK
+    assert c.stack_off == STACK and c.flags_off == STACK + 12 and c.cpu_known and c.cpu_of(extra[0]) == 0
+    assert not cs.Census(k.mem.read, rt, layout, ncpus=2).cpu_known   # no CPU 1 to check it on
     got = c.tasks()
     assert c.thread_off == THREADS
     assert sorted((t.tid, t.tgid, t.comm) for t in got) == [
         (0, 0, "swapper/0"), (1, 1, "init"), (2, 2, "kthreadd"), (3, 3, "cyclictest"),
         (4, 4, "rtapp"), (10, 3, "cyclictest"), (11, 4, "rtapp"), (12, 4, "rtapp")]
+    assert [t.tid for t in got if t.kthread] == [0, 2]
     t10 = next(t for t in got if t.tid == 10)
     stack = STACKS + (len(tasks)) * THREAD_SIZE         # extra[0] is task number len(tasks)
     assert t10.key == f"{stack + THREAD_SIZE - PT_REGS_SIZE:#x}" and t10.addr == extra[0]
@@ -98,11 +102,14 @@ def test_a_task_without_a_kernel_stack_has_no_key():
 # -- the introspector's census ------------------------------------------------
 
 class FakeCensus:
-    def __init__(self, mem, refs):
-        self.read, self.refs = mem.read, refs
+    def __init__(self, mem, refs, thread_off=None):
+        self.read, self.refs, self.thread_off = mem.read, refs, thread_off
 
     def tasks(self):
         return list(self.refs)
+
+    def cpu_of(self, task):
+        return 0
 
 
 def test_introspector_census_learns_and_forgets_memory_tasks():
@@ -118,12 +125,27 @@ def test_introspector_census_learns_and_forgets_memory_tasks():
     intro.census = FakeCensus(be.mem, refs)
     assert intro.census_once()
     snap = intro.tasks_snapshot()
-    assert [(t["key"], t["policy"], t["priority"], t["origin"]) for t in snap] == [
-        ("0xk10", "fifo", 80, "memory")]
+    assert [(t["key"], t["policy"], t["priority"], t["origin"], t["vcpu"]) for t in snap] == [
+        ("0xk10", "fifo", 80, "memory", 0)]
     assert not intro.census_once()                      # nothing new
     refs.pop(0)                                         # the thread is gone
     assert not intro.census_once()                      # one miss is not enough (a racing walk)
     assert intro.census_once() and intro.tasks_snapshot() == []
+
+
+@pytest.mark.parametrize("threads_known", [False, True])
+def test_a_task_a_call_taught_is_forgotten_only_by_a_census_that_sees_every_thread(threads_known):
+    from kairos_libvirt.introspect.decode import SchedRequest
+    from kairos_libvirt.introspect.plan import GuestEvent
+    be = FakeBackend()
+    intro = runtime.Introspector(be, lambda read: None, {0: VcpuSched("deadline", 10**6, 10**7)},
+                                 {0: Fraction(1, 2)})
+    intro.sched_layout = SchedLayout(PRIO, POLICY)
+    intro.census = FakeCensus(be.mem, [], thread_off=THREADS if threads_known else None)
+    intro.model.apply(GuestEvent("sched", "0xk20", 0, 0, tid=20, sched=SchedRequest("fifo", 50)))
+    intro.census_once()
+    intro.census_once()          # its exit went untrapped (the sites waited for the budget)
+    assert bool(intro.tasks_snapshot()) != threads_known
 
 
 def test_sampler_learns_the_period_from_sleep_targets_in_memory_without_a_trap():
