@@ -193,20 +193,29 @@ class StopBudget:
 
     # -- the gate --------------------------------------------------------
     @property
-    def expected_ns(self) -> int:
-        """The length the next stop is reserved for."""
+    def expected_stop_ns(self) -> int:
+        """The length the next stop itself is reserved for."""
         if not self._recent:
-            return self.spec.max_stop_ns + self.spec.hit_cost_ns
-        return min(self.spec.max_stop_ns, int(max(self._recent) * _MARGIN)) + self.spec.hit_cost_ns
+            return self.spec.max_stop_ns
+        return min(self.spec.max_stop_ns, int(max(self._recent) * _MARGIN))
 
-    def can_stop(self, n: int = 1, now: Optional[int] = None) -> bool:
+    @property
+    def expected_ns(self) -> int:
+        """What the next hit is reserved for: its stop and the cost after it."""
+        return self.expected_stop_ns + self.spec.hit_cost_ns
+
+    def _reserve(self, n: int, hits: Optional[int]) -> int:
+        """``n`` stops, ``hits`` of them breakpoint hits (default: all)."""
+        return n * self.expected_stop_ns + (n if hits is None else hits) * self.spec.hit_cost_ns
+
+    def can_stop(self, n: int = 1, now: Optional[int] = None, hits: Optional[int] = None) -> bool:
         """May the guest run with traps armed (``n`` stops of the expected length ahead)?
 
         Checked while the VM is stopped (the open stop counts) or running.
         Attach stops count here too: traps wait until an attach left the window.
         """
         t = self.clock() if now is None else now
-        d = n * self.expected_ns
+        d = self._reserve(n, hits)
         return self.stopped_in(t + d - self.spec.window_ns, t) + d <= self.spec.window_budget_ns
 
     def wait_left_ns(self, n: int = 1, now: Optional[int] = None) -> int:

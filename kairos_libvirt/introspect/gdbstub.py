@@ -269,8 +269,9 @@ class GdbstubBackend:
         """
         now = time.monotonic()
         due = [a for a, t in self.cooling.items() if t <= now]
-        rearm = bool(self.budget_off) and self.budget.can_stop(n=2)
-        if not rearm and ((self.control.empty() and not due) or not self.budget.can_stop()):
+        # Room for the interrupt (no hit) and one hit after it; control work needs the interrupt only.
+        rearm = bool(self.budget_off) and self.budget.can_stop(n=2, hits=1)
+        if not rearm and ((self.control.empty() and not due) or not self.budget.can_stop(hits=0)):
             return
         self.budget.begin("control")
         c.interrupt(timeout=2.0)

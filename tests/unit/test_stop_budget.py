@@ -117,6 +117,7 @@ def test_a_hit_is_charged_its_cost_beyond_the_stop_interrupts_are_not():
     assert b.total_ns == 4 * MS and b.charged_ns == 20 * MS   # what the VM really stood
     assert b.expected_ns == 3 * MS + 20 * MS
     assert b.can_stop() and not b.can_stop(n=2)           # 24 + 23 fits 50; 24 + 46 does not
+    assert b.can_stop(n=2, hits=1)                        # an interrupt and one hit: 24 + 3 + 23
     r = b.report()
     assert r["budget_hit_cost_ns"] == 20 * MS and r["charged_ns"] == 20 * MS
 
