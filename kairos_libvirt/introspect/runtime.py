@@ -363,17 +363,26 @@ class Introspector:
     def _arm_plan(self, plan: ResolvedPlan) -> None:
         self.backend.plan = plan
         self.status.notes.extend(plan.skipped)
-        # With periods read from memory, the hot sleep sites are never armed: on a
-        # TCG guest every hit flushes QEMU's translations (docs/gdbcost.md).
+        # With periods read from memory the sleep sites are never armed, and with the
+        # census the exit site neither (a guest's short-lived processes exit every
+        # second): on a TCG guest every hit flushes QEMU's translations and stalls the
+        # guest for up to ~250 ms (docs/gdbcost.md).  Only the sched_* calls stay trapped.
         self._sleep_armed = not self._sampling
         for addr, site in plan.sites.items():
             self.status.sites[site.kind] = addr
             if site.kind in SLEEP_KINDS:
                 self._sleep_sites.append(addr)
-                if self._sampling:
-                    continue
+            if addr in self._quiet_sites(plan):
+                continue
             if not self._held:
                 self.backend.arm(addr)
+
+    def _quiet_sites(self, plan: ResolvedPlan) -> set:
+        """Sites memory reading replaces: never armed (neither at attach nor at unhold)."""
+        kinds = set(SLEEP_KINDS) if self._sampling else set()
+        if self.census is not None:
+            kinds.add("exit")
+        return {a for a, site in plan.sites.items() if site.kind in kinds}
 
     def _discover_layout(self, read: Callable[[int, int], bytes]) -> None:
         """task_struct offsets need init and kthreadd to exist: retry until they do."""
@@ -533,13 +542,13 @@ class Introspector:
                     self.discovered += 1
                     log.info("guest task %s (tid %d) runs %s: found by the census", ref.comm,
                              ref.tid, state.policy)
-            # The kernel is the truth: a task the census (seeing every thread) finds gone
-            # or not real-time is forgotten, whatever taught it (its exit or sched_* call
-            # may have gone untrapped while the sites waited for the budget).  Without
-            # the thread list only the tasks the census itself brought in.
-            complete = getattr(census, "thread_off", None) is not None
+            # The kernel is the truth: a task the census finds gone or not real-time is
+            # forgotten, whatever taught it (exits are not trapped when the census runs,
+            # and a sched_* call may go untrapped while the sites wait for the budget).
+            # The census sees every task: every process, and the threads through the
+            # thread list, which is found as soon as a process has a second thread.
             for t in list(self.model.tasks.values()):
-                if t.key in rt or t.key.startswith("pid:") or not (complete or t.origin == "memory"):
+                if t.key in rt or t.key.startswith("pid:"):
                     continue
                 n = self._census_misses[t.key] = self._census_misses.get(t.key, 0) + 1
                 if n >= CENSUS_MISSES and self.model.forget(t.key):
@@ -648,11 +657,12 @@ class Introspector:
 
         def apply() -> None:
             sites = list(self.backend.plan.sites) if self.backend.plan else []
+            quiet = self._quiet_sites(self.backend.plan) if self.backend.plan else set()
             try:
                 for a in sites:
                     if on:
                         self.backend.disarm(a)
-                    elif self._sleep_armed or a not in self._sleep_sites:
+                    elif a not in quiet and (self._sleep_armed or a not in self._sleep_sites):
                         self.backend.arm(a)
             except KairosError as exc:
                 self.status.error = f"{'hold' if on else 'resume'}: {exc}"
