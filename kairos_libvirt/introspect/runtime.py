@@ -65,7 +65,11 @@ CENSUS_MISSES = 2
 #: How often the sleep target of each known FIFO/RR task is read from guest memory
 #: (introspect/sleepers.py): the periods then need no trap at all.  Successive
 #: targets are whole periods apart whatever this interval (tasks.py, "abstime").
+#: Each is read faster than its period, at jittered times (sleepers.SleeperWatch
+#: says why): a third of the shortest believed period, at most SAMPLE_S, at least
+#: SAMPLE_MIN_S, and SAMPLE_MIN_S while a task that sleeps has no period yet.
 SAMPLE_S = 0.02
+SAMPLE_MIN_S = 0.002
 SLEEP_KINDS = ("clock_nanosleep", "nanosleep")
 #: Task keys remembered as not real-time (a bound against a guest forking without end).
 MAX_NOT_RT = 4096
@@ -124,6 +128,9 @@ class Introspector:
         self._wakeup_fn = 0
         self._addrs: Dict[str, int] = {}          # task key -> task_struct address
         self._last_target: Dict[str, int] = {}
+        self._watches: Dict[str, object] = {}     # task key -> sleepers.SleeperWatch
+        self._walker = None
+        self._phys_read: Optional[Callable[[int, int], bytes]] = None
         self.samples = 0
         self.sample_errors = 0
         self.rsyms = None
@@ -318,7 +325,8 @@ class Introspector:
         if self.layout is None or self.sched_layout is None:
             return
         try:
-            self.census = Census(PageWalker(phys.read, placed, self.rsyms).reader(), self.rsyms,
+            self._walker, self._phys_read = PageWalker(phys.read, placed, self.rsyms), phys.read
+            self.census = Census(self._walker.reader(), self.rsyms,
                                  self.layout, ncpus=max(self.declared, default=0) + 1)
         except KairosError as exc:
             note = ("no census of guest tasks (tasks set real-time before the attach are found "
@@ -563,12 +571,24 @@ class Introspector:
 
     # -- the sleep sampler (its own thread, VM running) --------------------------
     def _sample_loop(self) -> None:
-        while not self.stop_event.wait(SAMPLE_S):
+        import random
+        while not self.stop_event.wait(self.sample_interval() * random.uniform(0.5, 1.5)):
             try:
                 self.sample_once()
             except KairosError as exc:       # a stack being freed under us
                 self.sample_errors += 1
                 log.debug("sleep sampler: %s", exc)
+
+    def sample_interval(self) -> float:
+        """Seconds until the next read of the sleep targets (before jitter)."""
+        with self.lock:
+            tasks = [t for t in self.model.rt_tasks() if t.policy in ("fifo", "rr")]
+            if any(t.observed_period_ns is None and t.key in self._last_target for t in tasks):
+                return SAMPLE_MIN_S
+            periods = [t.observed_period_ns for t in tasks if t.observed_period_ns]
+        if not periods:
+            return SAMPLE_S
+        return max(SAMPLE_MIN_S, min(SAMPLE_S, min(periods) / 3e9))
 
     def sample_once(self) -> int:
         """Read where each known FIFO/RR task sleeps until; feed each new absolute target.
@@ -581,18 +601,25 @@ class Introspector:
         """
         from .decode import SleepRequest, Timespec
         from .plan import PT_REGS_SIZE, GuestEvent
-        from .sleepers import sleep_target
+        from .sleepers import SleeperWatch
         census = self.census
         if census is None or not self._sampling:
             return 0
         with self.lock:
             todo = [(t.key, t.vcpu, t.tid, t.comm, self._addrs.get(t.key))
                     for t in self.model.rt_tasks() if t.policy in ("fifo", "rr")]
+        live = {k for k, *_ in todo}
+        for k in [k for k in self._watches if k not in live]:
+            del self._watches[k]
         fed = 0
         for key, vcpu, tid, comm, addr in todo:
             if addr is None or key.startswith("pid:"):
                 continue
-            got = sleep_target(census.read, int(key, 16) + PT_REGS_SIZE, addr, self._wakeup_fn)
+            watch = self._watches.get(key)
+            if watch is None or watch.task != addr:  # type: ignore[attr-defined]
+                watch = self._watches[key] = SleeperWatch(
+                    self._phys_read, self._walker, int(key, 16) + PT_REGS_SIZE, addr, self._wakeup_fn)
+            got = watch.target()  # type: ignore[attr-defined]
             if got is None or not got[1] or self._last_target.get(key) == got[0]:
                 continue
             self._last_target[key] = got[0]

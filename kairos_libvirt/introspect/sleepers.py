@@ -63,7 +63,7 @@ from typing import List, Optional, Sequence, Tuple
 from .plan import THREAD_SIZE
 from .symbols import KernelPlacement, Reader, RuntimeSymbols, SymbolError, read_exact, try_read
 
-__all__ = ["PageWalker", "sleep_expiry", "sleep_target", "discover_stack_offset", "task_stack_top",
+__all__ = ["PageWalker", "SleeperWatch", "sleep_expiry", "sleep_target", "discover_stack_offset", "task_stack_top",
            "SLEEPER_SIZE", "STACK_END_MAGIC", "MAX_READ"]
 
 PAGE = 4096
@@ -194,6 +194,49 @@ def sleep_target(read: Reader, stack_top: int, task: int, wakeup_fn: int
     return struct.unpack_from("<q", raw, _SOFT)[0], raw[_STATE + 1] == 0
 
 
+class SleeperWatch:
+    """:func:`sleep_target` for one task, cheap enough to run faster than its period.
+
+    Why: targets sampled at a fixed interval that happens to be k periods
+    apart all differ by k periods, and their GCD says k·T.  Sampling faster
+    than the period (and at jittered times) sees consecutive targets, so the
+    GCD is T.  A full scan of the 16 KiB stack costs ~20 reads; once the live
+    sleeper is found, its 72 bytes are read again at the same guest-physical
+    place (one read), and a full scan only comes back after ``rescan_after``
+    reads that show no live sleeper there (the task sleeps elsewhere now).
+    """
+
+    def __init__(self, phys_read: Reader, walker: "PageWalker", stack_top: int, task: int,
+                 wakeup_fn: int, rescan_after: int = 64) -> None:
+        self.phys_read, self.walker = phys_read, walker
+        self.stack_top, self.task, self.wakeup_fn = stack_top, task, wakeup_fn
+        self.rescan_after = rescan_after
+        self._at: Optional[int] = None        # guest-physical address of the live sleeper
+        self._misses = 0
+        self.reads = 0
+
+    def target(self) -> Optional[Tuple[int, bool]]:
+        if self._at is not None:
+            self.reads += 1
+            raw = read_exact(self.phys_read, self._at, SLEEPER_SIZE, "an hrtimer_sleeper")
+            if _live(raw, self.task) and _u64(raw, _FUNCTION) == self.wakeup_fn & _MASK64:
+                self._misses = 0
+                return struct.unpack_from("<q", raw, _SOFT)[0], raw[_STATE + 1] == 0
+            self._misses += 1
+            if self._misses < self.rescan_after:
+                return None                    # awake between two sleeps
+        self._misses = 0
+        self.reads += 1
+        found = _find_sleeper(self.walker.reader(), self.stack_top, self.task, self.wakeup_fn)
+        if found is None:
+            self._at = None
+            return None
+        va, raw = found
+        gpa, span = self.walker.translate(va)
+        self._at = gpa if span >= SLEEPER_SIZE else None   # across a page: no fast path
+        return struct.unpack_from("<q", raw, _SOFT)[0], raw[_STATE + 1] == 0
+
+
 def sleep_expiry(read: Reader, stack_top: int, task: int, wakeup_fn: int) -> Optional[int]:
     """The absolute wake-up target (ns, the hrtimer's own clock) of the task at *task*, or None.
 
@@ -213,6 +256,13 @@ def sleep_expiry(read: Reader, stack_top: int, task: int, wakeup_fn: int) -> Opt
 
 def _live_sleeper(read: Reader, stack_top: int, task: int, wakeup_fn: int) -> Optional[bytes]:
     """The raw live ``hrtimer_sleeper`` of the task, read twice alike; None if there is none."""
+    found = _find_sleeper(read, stack_top, task, wakeup_fn)
+    return None if found is None else found[1]
+
+
+def _find_sleeper(read: Reader, stack_top: int, task: int, wakeup_fn: int
+                  ) -> Optional[Tuple[int, bytes]]:
+    """(kernel-virtual address, raw bytes) of the task's live sleeper, read twice alike."""
     if stack_top % THREAD_SIZE or not _KERNEL_HALF[5] + THREAD_SIZE <= stack_top <= _MASK64:
         return None      # not the top of a kernel stack: nothing sleeps there
     bottom = stack_top - THREAD_SIZE
@@ -231,7 +281,7 @@ def _live_sleeper(read: Reader, stack_top: int, task: int, wakeup_fn: int) -> Op
     again = read_exact(read, bottom + sl, SLEEPER_SIZE, "an hrtimer_sleeper")
     if again != stack[sl:sl + SLEEPER_SIZE]:
         return None
-    return again
+    return bottom + sl, again
 
 
 def _live(raw: bytes, task: int) -> bool:

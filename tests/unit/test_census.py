@@ -159,6 +159,7 @@ def test_sampler_learns_the_period_from_sleep_targets_in_memory_without_a_trap()
     intro.census = FakeCensus(k.ram, [])
     intro.census.read = k.walker().reader()
     intro._sampling, intro._wakeup_fn = True, WAKEUP
+    intro._walker, intro._phys_read = k.walker(), k.ram.read
     intro.model.tasks.clear()
     from kairos_libvirt.introspect.plan import GuestEvent
     intro.model.discover(GuestEvent("census", key, None, 0, tid=10, comm="cyclictest"), "fifo", 80)
@@ -170,10 +171,14 @@ def test_sampler_learns_the_period_from_sleep_targets_in_memory_without_a_trap()
         assert intro.sample_once() == 0                # the same target again: nothing new
         target += n * 4 * MS
         k.vwrite(top - THREAD_SIZE + LIVE_AT, sleeper(target, target, TASK))
+    assert intro.sample_interval() == runtime.SAMPLE_MIN_S   # sleeping, no period yet: fast
     intro.sample_once()
     (t,) = intro.tasks_snapshot()
     assert t["observed_period_ns"] == 4 * MS and t["period_source"] == "abstime"
     assert intro.samples == len(skips) + 1 and be.counters.hits == 0
+    assert intro.sample_interval() == max(runtime.SAMPLE_MIN_S, 4 * MS / 3e9)  # a third of T, floored
+    watch = intro._watches[key]
+    assert watch.reads <= 2 * (len(skips) + 1) + 2        # one full scan, then one read each
     # A relative sleep (is_rel 1) says nothing of the period: skipped.
     raw = bytearray(sleeper(target + 7, target + 7, TASK))
     raw[57] = 1
