@@ -8,7 +8,8 @@ described and that its records are whole; the violations themselves are measured
 
 The phase is not in the default cycle (it adds minutes to CI's nested tier, see
 docs/supply.md): ``KAIROS_TESTBED_SUPPLY=1`` runs ``scripts/testbed --only-supply`` here,
-``KAIROS_TESTBED_SUPPLY_RESULT=OUT/supply.json`` reuses a finished run.
+``KAIROS_TESTBED_SUPPLY_RESULT=OUT/supply.json`` reuses a finished run, and so does
+``KAIROS_TESTBED_RESULT=OUT/result.json`` of a ``scripts/testbed --supply`` cycle.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ TABLE = {"alone 1ms/1ms/7ms", "alone 0.5ms/2ms/4ms", "alone 2ms/10ms/10ms", "alo
 @pytest.fixture(scope="module")
 def out(tmp_path_factory) -> Path:
     given = os.environ.get("KAIROS_TESTBED_SUPPLY_RESULT")
+    cycle = os.environ.get("KAIROS_TESTBED_RESULT")
+    if not given and cycle and (Path(cycle).parent / "supply.json").exists():
+        given = str(Path(cycle).parent / "supply.json")   # a cycle run with --supply
     if given:
         return Path(given).parent
     if os.environ.get("KAIROS_TESTBED_SUPPLY") != "1":
