@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import struct
 import subprocess
 import time
@@ -29,8 +28,7 @@ from kairos_libvirt.introspect import kallsyms
 from kairos_libvirt.introspect.layout import SCAN_BYTES, TaskLayout, discover_layout, task_ident, task_list
 from kairos_libvirt.introspect.sleepers import PageWalker, discover_stack_offset, sleep_expiry, task_stack_top
 from kairos_libvirt.introspect.symbols import Reader, SymbolError, place_kernel, read_exact, try_read
-from tests.conftest import skip_or_fail
-from tests.host.test_guest_symbols import BOOT_TIMEOUT, GUEST, wait_until
+from tests.host.test_guest_symbols import BOOT_TIMEOUT, GUEST, qemu_and_guest, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -58,12 +56,7 @@ class Running:
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory) -> Iterator[Running]:
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
-        skip_or_fail("kernel", "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    for f in ("vmlinuz", "initrd.img"):
-        if not os.path.exists(os.path.join(GUEST, f)):
-            skip_or_fail("kernel", f"no test guest in {GUEST} ({f} missing): run sudo guest/build")
+    qemu = qemu_and_guest()
     g = Running(str(tmp_path_factory.mktemp("sleepers")))
     cmd = [qemu, "-accel", "tcg", "-m", str(RAM >> 20), "-smp", "1", "-display", "none", "-monitor", "none",
            "-no-reboot", "-kernel", os.path.join(GUEST, "vmlinuz"), "-initrd", os.path.join(GUEST, "initrd.img"),

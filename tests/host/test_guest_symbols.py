@@ -73,12 +73,7 @@ class Guest:
 
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory) -> Iterator[Guest]:
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
-        skip_or_fail("kernel", "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
-    for f in ("vmlinuz", "initrd.img"):
-        if not os.path.exists(os.path.join(GUEST, f)):
-            skip_or_fail("kernel", f"no test guest in {GUEST} ({f} missing): run sudo guest/build")
+    qemu = qemu_and_guest()
     g = Guest(str(tmp_path_factory.mktemp("guest")))
     cmd = [qemu, "-accel", "tcg", "-m", "256", "-smp", "1", "-display", "none", "-monitor", "none",
            "-no-reboot", "-kernel", g.vmlinuz, "-initrd", os.path.join(GUEST, "initrd.img"),
@@ -112,6 +107,17 @@ def guest(tmp_path_factory) -> Iterator[Guest]:
             g.proc.wait(10)
         if g.times:
             print("\nguest-symbol timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in g.times.items()))
+
+
+def qemu_and_guest() -> str:
+    """qemu-system-x86_64's path, once the test guest is there (else skip, or fail in CI)."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        skip_or_fail("kernel", "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    for f in ("vmlinuz", "initrd.img"):
+        if not os.path.exists(os.path.join(GUEST, f)):
+            skip_or_fail("kernel", f"no test guest in {GUEST} ({f} missing): run sudo guest/build")
+    return qemu  # type: ignore[return-value]
 
 
 def timed(g: Guest, what: str, fn: Callable, *args, **kw):

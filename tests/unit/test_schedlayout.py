@@ -195,14 +195,19 @@ def sleep_hit(be, i):
                                       "gs_base": 0xffff888007000000}, i)
 
 
+def counting_reader(mem):
+    """A reader of ``mem`` that records the addresses it was asked for."""
+    reads = []
+
+    def read(a, n):
+        reads.append(a)
+        return mem.read(a, n)
+    return read, reads
+
+
 def test_an_rt_task_set_before_the_attach_is_learnt_at_its_first_sleep(monkeypatch):
     intro, be = intro_with_task(monkeypatch, fifo(80))
-    reads = []
-    real = be.mem.read
-
-    def counting(a, n):
-        reads.append(a)
-        return real(a, n)
+    counting, reads = counting_reader(be.mem)
     for i in range(1, 10):
         intro._on_hit(sleep_hit(be, i), counting)
     snap = intro.tasks_snapshot()
@@ -215,12 +220,7 @@ def test_an_rt_task_set_before_the_attach_is_learnt_at_its_first_sleep(monkeypat
 
 def test_a_non_rt_task_is_read_once_until_it_exits(monkeypatch):
     intro, be = intro_with_task(monkeypatch, OTHER)
-    reads = []
-    real = be.mem.read
-
-    def counting(a, n):
-        reads.append(a)
-        return real(a, n)
+    counting, reads = counting_reader(be.mem)
     for i in range(1, 5):
         intro._on_hit(sleep_hit(be, i), counting)
     assert intro.tasks_snapshot() == [] and sum(1 for a in reads if a == TASK + PRIO) == 1
