@@ -13,9 +13,9 @@ The feature is read back (``host/tick.hrtick_dl``) and recorded before each run.
 granularity g is not given to the bench: bench/supply asks ``host/tick.enforcement`` as
 it does on any host, with a fresh run directory per mode (a ``KAIROS_CONFIG`` naming
 only ``run_dir``), so tick.py decides again from what L1 really has: CONFIG_HZ from
-``/boot/config-$(uname -r)`` (Debian ships none in L1's initramfs-less chroot, so the
-guest build's copy of the same kernel's config is put there when the versions match;
-without it tick.py assumes HZ=100, and that is recorded too) and the feature.  Beside
+``/boot/config-$(uname -r)`` (L1 has neither that nor /proc/config.gz, so the guest
+build's copy of the same kernel's config is put there when the versions match; without
+it tick.py assumes HZ=100, and that is recorded too) and the feature.  Beside
 it, this phase runs tick.py's own overrun probe (``measure_overrun_ns``) and records
 what ``tick.decide`` makes of HZ + feature + measurement: under TCG the measured
 overrun says how far the decided g is from what L1's timers really deliver.
@@ -52,7 +52,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 BENCH = os.path.join(REPO, "bench", "supply")
 MODES = (("off", "NO_HRTICK_DL"), ("on", "HRTICK_DL"))
-#: One mode's bench run; a TCG L1 has taken about N s (see docs/supply.md).
+#: One mode's bench run (3 s per set; a TCG L1 took 55-68 s, docs/supply.md).
 BENCH_TIMEOUT_S = 420
 T0 = time.monotonic()
 
