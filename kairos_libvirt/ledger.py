@@ -260,12 +260,8 @@ class Ledger:
     def enforcement(self) -> Enforcement:
         """The host's enforcement granularity (see :mod:`.analysis.enforcement`)."""
         if self._enforcement is None:
-            if self.cfg.enforcement_ns is not None:
-                self._enforcement = Enforcement(self.cfg.enforcement_ns,
-                                                "enforcement_granularity in kairos.yaml")
-            else:
-                from .host import tick
-                self._enforcement = tick.enforcement(self.cfg)
+            from .host import tick
+            self._enforcement = tick.enforcement(self.cfg)
         return self._enforcement
 
     def _kernel_capacity(self, state: LedgerState) -> Optional[Fraction]:

@@ -204,7 +204,9 @@ def decide(hz: Optional[int], hrtick: Optional[bool],
 
 
 def enforcement(cfg: Optional["HostConfig"] = None, *, measure: bool = True) -> Enforcement:
-    """The running host's enforcement granularity, cached per boot in ``cfg.run_dir``.
+    """The running host's enforcement granularity, cached per boot in ``cfg.run_dir``
+    (``enforcement_granularity`` in kairos.yaml overrides it: one rule for the
+    ledger, the agents and bench/supply).
 
     ``measure`` False skips the probe (no deadline thread is created); the
     probe is also skipped when the features file says on or off.  A probe the
@@ -214,6 +216,8 @@ def enforcement(cfg: Optional["HostConfig"] = None, *, measure: bool = True) -> 
     if cfg is None:
         from ..config import load
         cfg = load()
+    if cfg.enforcement_ns is not None:       # the admin's figure wins (kairos.yaml)
+        return Enforcement(cfg.enforcement_ns, "enforcement_granularity in kairos.yaml")
     path = os.path.join(cfg.run_dir, CACHE)
     key = {"boot_id": proc.boot_id()}
     try:
