@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import gzip
 
+import pytest
+
 from kairos_libvirt.host import tick
 
 
@@ -77,3 +79,13 @@ def test_decide_from_config_and_measurement():
     # no config: assume the longest tick (HZ=100)
     e = tick.decide(None, None, None)
     assert e.granularity_ns == 10_000_000 and "unknown" in e.source
+
+
+def test_the_admins_granularity_wins_for_every_caller(tmp_path, monkeypatch):
+    from kairos_libvirt.config import HostConfig
+    from kairos_libvirt.ledger import Ledger
+    monkeypatch.setattr(tick, "measure_overrun_ns", lambda *a, **k: pytest.fail("no probe"))
+    cfg = HostConfig(run_dir=str(tmp_path), enforcement_ns=250_000)
+    got = tick.enforcement(cfg)
+    assert (got.granularity_ns, got.source) == (250_000, "enforcement_granularity in kairos.yaml")
+    assert Ledger(cfg).enforcement() == got      # the ledger and bench/supply: one figure
