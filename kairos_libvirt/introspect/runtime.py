@@ -122,6 +122,7 @@ class Introspector:
         self.census_runs = 0
         self.census_errors = 0
         self._census_misses: Dict[str, int] = {}
+        self._census_seen: Dict[str, int] = {}    # consecutive censuses that saw an RT task
         self._census_thread: Optional[threading.Thread] = None
         #: Periods from memory (sleepers.py): the sleep sites then stay disarmed.
         self._sampling = False
@@ -538,6 +539,9 @@ class Introspector:
         self.census_runs += 1
         changed = False
         with self.lock:
+            for key in [k for k in self._census_seen if k not in rt]:
+                if key not in self.model.tasks:
+                    del self._census_seen[key]
             for key, (ref, state) in rt.items():
                 self._census_misses.pop(key, None)
                 cpu = census.cpu_of(ref.addr)
@@ -548,8 +552,13 @@ class Introspector:
                                        state.deadline_ns, state.period_ns):
                     changed = True
                     self.discovered += 1
-                    log.info("guest task %s (tid %d) runs %s: found by the census", ref.comm,
-                             ref.tid, state.policy)
+                    log.debug("guest task %s (tid %d) runs %s: found by the census", ref.comm,
+                              ref.tid, state.policy)
+                seen = self._census_seen[key] = self._census_seen.get(key, 0) + 1
+                if seen == 2:     # short-lived RT processes (a FIFO shell's `sleep 1`) stay quiet
+                    log.info("guest task %s (tid %d) runs %s %s (census)", ref.comm, ref.tid,
+                             state.policy, state.priority or
+                             f"{state.runtime_ns}/{state.deadline_ns}/{state.period_ns} ns")
             # The kernel is the truth: a task the census finds gone or not real-time is
             # forgotten, whatever taught it (exits are not trapped when the census runs,
             # and a sched_* call may go untrapped while the sites wait for the budget).
@@ -562,7 +571,9 @@ class Introspector:
                 if n >= CENSUS_MISSES and self.model.forget(t.key):
                     del self._census_misses[t.key]
                     changed = True
-                    log.info("guest task %s (tid %s) is gone or no longer real-time", t.comm, t.tid)
+                    announced = self._census_seen.pop(t.key, 0) >= 2
+                    (log.info if announced else log.debug)(
+                        "guest task %s (tid %s) is gone or no longer real-time", t.comm, t.tid)
             if changed:
                 self._last_change = time.monotonic()
                 if self._dirty_since is None:
