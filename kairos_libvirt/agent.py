@@ -59,6 +59,10 @@ class Agent:
         #: vCPU -> trap time of the guest call that led to its pending change.
         self.pending_trigger: Dict[int, int] = {}
         self.reactions: "collections.deque[int]" = collections.deque(maxlen=REACTIONS_KEPT)
+        #: The grants as last read from (or written to) the ledger, and the servers admission
+        #: refused since: the host-wide ledger lock is taken only for a real regrant (issue 13).
+        self.grants: Dict[int, VcpuSched] = {}
+        self.refused: Dict[int, object] = {}
 
     # -- lifecycle -------------------------------------------------------
     def run(self) -> int:
@@ -67,6 +71,7 @@ class Agent:
             log.info("domain %s holds no reservation in the ledger; nothing to do", self.name)
             return 0
         wanted = dict(entry.granted)
+        self.grants = dict(wanted)
         log.info("agent for %s: %s", self.name,
                  ", ".join(f"vCPU {k} {_describe(v)}" for k, v in wanted.items()))
         pid = self._wait_qemu()
@@ -98,6 +103,9 @@ class Agent:
                     if entry is None:
                         log.info("ledger entry of %s released; exiting", self.name)
                         break
+                    self.grants = dict(entry.granted)
+                    if regranted is None:
+                        self.refused.clear()   # capacity may have freed: try refused servers again
                     self.step(pid, dict(entry.granted))
                 self.stop.wait(poll)
         finally:
@@ -133,6 +141,12 @@ class Agent:
         from .errors import AdmissionError
         self.intro.tick()
         adapted = self.intro.adapted()
+        # Nothing new for the ledger: no lock (the capped annotations of refused servers stay).
+        if all(self.grants.get(v) == a.sched or getattr(self.refused.get(v), "sched", None) == a.sched
+               for v, a in adapted.items()):
+            self.adapted = {v: self.refused.get(v, a) if self.grants.get(v) != a.sched else a
+                            for v, a in adapted.items()}
+            return None
         self.adapted = adapted
         changed: Optional[Entry] = None
         with self.ledger.locked() as state:
@@ -155,6 +169,10 @@ class Agent:
                     self.adapted[vid] = type(a)(a.vcpu, a.sched, a.source, a.budget_ns,
                                                 a.period_ns, a.deadline_ns, True,
                                                 f"capped by host capacity: {exc}", a.tasks)
+                    self.refused[vid] = self.adapted[vid]
+            e = state.domains.get(self.name)
+            if e is not None:
+                self.grants = dict(e.granted)
         return changed
 
     def _wait_qemu(self) -> Optional[int]:
