@@ -28,7 +28,7 @@ from kairos_libvirt.introspect import kallsyms
 from kairos_libvirt.introspect.layout import SCAN_BYTES, TaskLayout, discover_layout, task_ident, task_list
 from kairos_libvirt.introspect.sleepers import PageWalker, discover_stack_offset, sleep_expiry, task_stack_top
 from kairos_libvirt.introspect.symbols import Reader, SymbolError, place_kernel, read_exact, try_read
-from tests.host.test_guest_symbols import BOOT_TIMEOUT, GUEST, qemu_and_guest, wait_until
+from tests.host.test_guest_symbols import BOOT_TIMEOUT, GUEST, qemu_and_guest, serial_text, stop_qemu, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -47,11 +47,7 @@ class Running:
         self.proc: "subprocess.Popen[bytes]"
 
     def console(self) -> str:
-        try:
-            with open(self.serial, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return serial_text(self.serial)
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +68,7 @@ def running(tmp_path_factory) -> Iterator[Running]:
             pytest.fail(f"qemu exited with {g.proc.returncode}: {out[-2000:]}")
         yield g
     finally:
-        g.proc.terminate()
-        try:
-            g.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            g.proc.kill()
-            g.proc.wait(10)
+        stop_qemu(g.proc)
 
 
 def thread_siblings(read: Reader, leader: int, leader_tid: int, layout: TaskLayout) -> Set[Tuple[int, int]]:

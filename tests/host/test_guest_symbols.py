@@ -49,6 +49,15 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
+def serial_text(path: str) -> str:
+    """What the guest wrote on its serial console so far ("" before the file exists)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
 class Guest:
     def __init__(self, workdir: str) -> None:
         self.vmlinuz = os.path.join(GUEST, "vmlinuz")
@@ -61,11 +70,7 @@ class Guest:
         self.times: Dict[str, float] = {}
 
     def console(self) -> str:
-        try:
-            with open(self.serial, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return serial_text(self.serial)
 
     def read(self, addr: int, n: int) -> bytes:
         return self.client.read_memory(addr, n)
@@ -99,14 +104,18 @@ def guest(tmp_path_factory) -> Iterator[Guest]:
             g.client.detach()
             g.client.close()
     finally:
-        g.proc.terminate()
-        try:
-            g.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            g.proc.kill()
-            g.proc.wait(10)
+        stop_qemu(g.proc)
         if g.times:
             print("\nguest-symbol timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in g.times.items()))
+
+
+def stop_qemu(p: "subprocess.Popen[bytes]") -> None:
+    p.terminate()
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(10)
 
 
 def qemu_and_guest() -> str:

@@ -692,18 +692,24 @@ def test_symbol_loader_falls_back_to_memory(monkeypatch, tmp_path):
     assert backends.symbol_loader(None)(lambda a, n: b"") == 7
 
 
-def test_cheap_traps_keep_sleep_sites_armed_and_no_layout(monkeypatch):
-    import kairos_libvirt.introspect.layout as layout
-    called = []
-    monkeypatch.setattr(layout, "discover_layout", lambda *a: called.append(1))
-    be = FakeBackend()
-    be.cheap_traps, be.identifies_tasks = True, False
+def intro_with_a_sleep_site(be):
+    """An introspector whose sleep site 0x4000 is armed, and one FIFO task known."""
     intro = runtime.Introspector(be, lambda read: FakeSymbols(),
                                  {0: VcpuSched("deadline", 1_000_000, 10_000_000)},
                                  {0: Fraction(1, 2)})
     intro._sleep_sites = [0x4000]
     be.armed.add(0x4000)
     intro.model.apply(sched_ev("a", SchedRequest("fifo", 1)))
+    return intro
+
+
+def test_cheap_traps_keep_sleep_sites_armed_and_no_layout(monkeypatch):
+    import kairos_libvirt.introspect.layout as layout
+    called = []
+    monkeypatch.setattr(layout, "discover_layout", lambda *a: called.append(1))
+    be = FakeBackend()
+    be.cheap_traps, be.identifies_tasks = True, False
+    intro = intro_with_a_sleep_site(be)
     for i in range(STABLE_SAMPLES + 2):
         intro.model.apply(sleep_ev("a", 10**9 + i * 1_000_000, t=i))
     intro._sampling_policy()
@@ -729,12 +735,7 @@ def test_exact_periods_are_stable_sooner_than_measured_gaps():
 def test_resampling_backs_off_while_windows_confirm_and_resets_on_a_change():
     from kairos_libvirt.introspect.tasks import STABLE_EXACT_SAMPLES
     be = FakeBackend()
-    intro = runtime.Introspector(be, lambda read: FakeSymbols(),
-                                 {0: VcpuSched("deadline", 1_000_000, 10_000_000)},
-                                 {0: Fraction(1, 2)})
-    intro._sleep_sites = [0x4000]
-    be.armed.add(0x4000)
-    intro.model.apply(sched_ev("a", SchedRequest("fifo", 1)))
+    intro = intro_with_a_sleep_site(be)
     t = [0]
 
     def window(n=runtime.RESAMPLE_SAMPLES + 1):   # the same 4 ms period; then the policy decides
