@@ -377,11 +377,12 @@ class Introspector:
         # second): on a TCG guest every hit flushes QEMU's translations and stalls the
         # guest for up to ~250 ms (docs/gdbcost.md).  Only the sched_* calls stay trapped.
         self._sleep_armed = not self._sampling
+        quiet = self._quiet_sites(plan)
         for addr, site in plan.sites.items():
             self.status.sites[site.kind] = addr
             if site.kind in SLEEP_KINDS:
                 self._sleep_sites.append(addr)
-            if addr in self._quiet_sites(plan):
+            if addr in quiet:
                 continue
             if not self._held:
                 self.backend.arm(addr)
@@ -622,6 +623,8 @@ class Introspector:
         live = {k for k, *_ in todo}
         for k in [k for k in self._watches if k not in live]:
             del self._watches[k]
+        for k in [k for k in self._last_target if k not in live]:
+            del self._last_target[k]          # a task gone: its last target says nothing more
         fed = 0
         for key, vcpu, tid, comm, addr in todo:
             if addr is None or key.startswith("pid:"):
