@@ -38,7 +38,7 @@ def make(kind: str, name: str, dom, qemu_pid: int, domain_dir: str,
         from . import kvmud_backend
         why = kvmud_backend.unavailable_reason(qemu_pid)
         if why is None:
-            return kvmud_backend.make(name, qemu_pid), None
+            return kvmud_backend.make(name, qemu_pid, guest_memory=_guest_ram(dom, qemu_pid)), None
         note = f"backend kvm-ud requested but {why}: falling back to gdbstub"
         kind = "gdbstub"
     if kind != "gdbstub":
@@ -55,8 +55,43 @@ def make(kind: str, name: str, dom, qemu_pid: int, domain_dir: str,
     def close_server() -> None:
         _hmp(dom, "gdbserver none")
 
-    def guest_memory():
-        """The guest's RAM in QEMU's process: read with the VM running (host/guestmem.py)."""
+    from dataclasses import replace
+    from .budget import StopBudget, spec_from_json
+    cost, why = hit_cost_ns(dom)
+    if why:
+        log.info("%s", why)
+    spec = replace(spec_from_json(budget), hit_cost_ns=cost)
+    return GdbstubBackend(open_server, close_server, os.path.join(domain_dir, "gdb"),
+                          budget=StopBudget(spec), guest_memory=_guest_ram(dom, qemu_pid)), note
+
+
+class _OpenOnce:
+    """Open the guest's RAM on first use; a failure is raised once, later calls answer None.
+
+    The agent asks at every attach; the mapping does not change while QEMU runs.
+    """
+
+    def __init__(self, opener: Callable[[], object]) -> None:
+        self._opener: Optional[Callable[[], object]] = opener
+        self._phys = None
+
+    def __call__(self):
+        if self._phys is None and self._opener is not None:
+            opener, self._opener = self._opener, None
+            self._phys = opener()
+        return self._phys
+
+
+def _guest_ram(dom, qemu_pid: int) -> Optional[_OpenOnce]:
+    """The guest's RAM in QEMU's process, read with the VM running (host/guestmem.py).
+
+    Under TCG and under KVM alike QEMU maps the RAM it gives the guest; None
+    without a libvirt domain to ask the memory size.
+    """
+    if dom is None:
+        return None
+
+    def open_ram():
         import libvirt
         from ..host import guestmem
         try:
@@ -70,15 +105,7 @@ def make(kind: str, name: str, dom, qemu_pid: int, domain_dir: str,
             except KairosError as exc:
                 log.warning("guest memory map: %s; reading the low 2 GiB only", exc)
         return guestmem.open_guest_ram(qemu_pid, ram, layout)
-
-    from dataclasses import replace
-    from .budget import StopBudget, spec_from_json
-    cost, why = hit_cost_ns(dom)
-    if why:
-        log.info("%s", why)
-    spec = replace(spec_from_json(budget), hit_cost_ns=cost)
-    return GdbstubBackend(open_server, close_server, os.path.join(domain_dir, "gdb"),
-                          budget=StopBudget(spec), guest_memory=guest_memory), note
+    return _OpenOnce(open_ram)
 
 
 #: Host CPU one gdbstub breakpoint hit makes a TCG guest spend re-translating its

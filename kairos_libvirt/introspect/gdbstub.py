@@ -105,18 +105,14 @@ class GdbstubBackend:
         #: Sites the budget took off, armed again when it returns.
         self.budget_off: Set[int] = set()
         self._guest_memory = guest_memory
-        self._phys = None
 
     def guest_memory(self):
         """Guest-physical memory read from QEMU's process (no stop), or None where the host cannot.
 
-        Opened once; a failure (no RAM mapping of the domain's size) is
-        raised once as a KairosError, and later calls answer None.
+        A failure (no RAM mapping of the domain's size) is raised once as a
+        KairosError (backends._OpenOnce), later calls answer None.
         """
-        if self._phys is None and self._guest_memory is not None:
-            opener, self._guest_memory = self._guest_memory, None
-            self._phys = opener()
-        return self._phys
+        return self._guest_memory() if self._guest_memory is not None else None
 
     # -- connection ------------------------------------------------------
     def open(self) -> RspClient:

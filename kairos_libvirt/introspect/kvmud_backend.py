@@ -140,12 +140,15 @@ class KvmUdBackend:
     #: A trap costs microseconds and never stops the guest: keep the sleep
     #: sites armed (no sampling windows).
     cheap_traps = True
-    #: Events carry no GS base: task ids/comm cannot be read, skip the layout.
+    #: Events carry no GS base: a trap cannot name its task (the task_struct
+    #: layout then serves only the census, which needs guest memory).
     identifies_tasks = False
 
     def __init__(self, qemu_pid: int, attach: Optional[Callable[[int], "kvmud.KvmUd"]] = None,
-                 rate: int = RATE, burst: int = BURST, timeout_ms: int = OP_TIMEOUT_MS) -> None:
+                 rate: int = RATE, burst: int = BURST, timeout_ms: int = OP_TIMEOUT_MS,
+                 guest_memory: Optional[Callable[[], object]] = None) -> None:
         self.qemu_pid = qemu_pid
+        self._guest_memory = guest_memory
         self._attach = attach or (lambda pid: kvmud.KvmUd.attach(pid, nr_events=NR_EVENTS))
         self.rate, self.burst, self.timeout_ms = rate, burst, timeout_ms
         self.ud: Optional["kvmud.KvmUd"] = None
@@ -161,6 +164,16 @@ class KvmUdBackend:
         self._lost = 0                          # events skipped over a torn ring
         self.kernel: Dict[str, int] = {}        # the ring's counters, last seen
         # counters.handler_ns stays 0: the guest never stops for this backend
+
+    def guest_memory(self):
+        """Guest-physical memory read from QEMU's process, or None where the host cannot.
+
+        QEMU maps a KVM guest's RAM in its own process as it does a TCG
+        guest's: symbols, the task census and task_struct reads need no PEEK
+        (64 bytes a vCPU round trip) and no event.  A failure is raised once
+        (backends._OpenOnce), later calls answer None.
+        """
+        return self._guest_memory() if self._guest_memory is not None else None
 
     # -- connection ------------------------------------------------------
     def open(self) -> "kvmud.KvmUd":
@@ -330,6 +343,7 @@ class KvmUdBackend:
                                     + (c.overflow - self._base[1]))
 
 
-def make(name: str, qemu_pid: int) -> KvmUdBackend:
+def make(name: str, qemu_pid: int,
+         guest_memory: Optional[Callable[[], object]] = None) -> KvmUdBackend:
     """The backend for domain ``name`` whose QEMU runs as ``qemu_pid``."""
-    return KvmUdBackend(qemu_pid)
+    return KvmUdBackend(qemu_pid, guest_memory=guest_memory)

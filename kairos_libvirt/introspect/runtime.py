@@ -335,6 +335,8 @@ class Introspector:
             self.status.notes.append(note)
             log.warning("%s", note)
             return
+        if getattr(self.backend, "cheap_traps", False):
+            return      # trapped sleeps cost microseconds and give every target exactly
         try:
             self._wakeup_fn = self.rsyms.resolve("hrtimer_wakeup")
             self._sampling = True
@@ -390,15 +392,17 @@ class Introspector:
     def _quiet_sites(self, plan: ResolvedPlan) -> set:
         """Sites memory reading replaces: never armed (neither at attach nor at unhold)."""
         kinds = set(SLEEP_KINDS) if self._sampling else set()
-        if self.census is not None:
-            kinds.add("exit")
+        if self.census is not None and not getattr(self.backend, "cheap_traps", False):
+            kinds.add("exit")   # (a cheap exit trap forgets a task at once, not 2 censuses later)
         return {a for a, site in plan.sites.items() if site.kind in kinds}
 
     def _discover_layout(self, read: Callable[[int, int], bytes]) -> None:
         """task_struct offsets need init and kthreadd to exist: retry until they do."""
         from . import layout as _layout
-        if not getattr(self.backend, "identifies_tasks", True):
-            self._layout_at = float("inf")  # this backend's events cannot name tasks
+        if not getattr(self.backend, "identifies_tasks", True) and self._kread is None:
+            # Events that cannot name tasks, and no memory to count them in: the layout
+            # would serve nothing (with memory, the census needs it).
+            self._layout_at = float("inf")
             return
         self._layout_at = time.monotonic() + LAYOUT_RETRY_S
         self.status.notes = [n for n in self.status.notes if not n.startswith("task ids")]
@@ -423,7 +427,7 @@ class Introspector:
     # -- events (backend thread, VM stopped) ------------------------------
     def _on_hit(self, hit: Hit, read: Callable[[int, int], bytes]) -> None:
         if self.layout is None and time.monotonic() >= self._layout_at:
-            self._discover_layout(read)
+            self._discover_layout(self._kread or read)
         task = None
         if self.layout is not None and "gs_base" in hit.regs:
             try:
