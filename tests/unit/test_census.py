@@ -189,16 +189,20 @@ def test_sampler_learns_the_period_from_sleep_targets_in_memory_without_a_trap()
 MS = 1_000_000
 
 
-@pytest.mark.parametrize("census, sampling, armed", [
-    (False, False, {"sched_setattr", "clock_nanosleep", "exit"}),
-    (True, False, {"sched_setattr", "clock_nanosleep"}),
-    (True, True, {"sched_setattr"})])
-def test_memory_reading_replaces_the_hot_sites_at_attach_and_at_unhold(census, sampling, armed):
+@pytest.mark.parametrize("census, sampling, cheap, armed", [
+    (False, False, False, {"sched_setattr", "clock_nanosleep", "exit"}),
+    (True, False, False, {"sched_setattr", "clock_nanosleep"}),
+    (True, True, False, {"sched_setattr"}),
+    # kvm-ud: a trap costs microseconds, the guest never stops: every site stays armed.
+    (True, False, True, {"sched_setattr", "clock_nanosleep", "exit"})])
+def test_memory_reading_replaces_the_hot_sites_at_attach_and_at_unhold(census, sampling, cheap,
+                                                                        armed):
     from kairos_libvirt.introspect.plan import PLAN, ResolvedPlan
     by_kind = {s.kind: s for s in PLAN}
     plan = ResolvedPlan({0x1000: by_kind["sched_setattr"], 0x2000: by_kind["clock_nanosleep"],
                          0x3000: by_kind["exit"]})
     be = FakeBackend()
+    be.cheap_traps = cheap
     intro = runtime.Introspector(be, lambda read: None, {0: VcpuSched("deadline", 10**6, 10**7)},
                                  {0: Fraction(1, 2)})
     intro.census = FakeCensus(be.mem, []) if census else None
@@ -211,3 +215,27 @@ def test_memory_reading_replaces_the_hot_sites_at_attach_and_at_unhold(census, s
     intro.hold(False)
     be.control.run_pending()
     assert {plan.sites[a].kind for a in be.armed} == armed
+
+
+def test_a_backend_whose_traps_cannot_name_tasks_learns_the_layout_only_with_guest_memory(
+        monkeypatch):
+    """kvm-ud's events carry no GS base: the task_struct layout serves only the census,
+    which reads guest memory; without that memory the agent does not look for it."""
+    from kairos_libvirt.introspect import layout as _layout
+    from kairos_libvirt.errors import KairosError
+    seen = []
+
+    def discover(read, syms):
+        seen.append(read)
+        raise KairosError("init_task not there yet")
+    monkeypatch.setattr(_layout, "discover_layout", discover)
+    be = FakeBackend()
+    be.identifies_tasks = False
+    intro = runtime.Introspector(be, lambda read: None, {0: VcpuSched("deadline", 10**6, 10**7)},
+                                 {0: Fraction(1, 2)})
+    intro._discover_layout(be.read)
+    assert seen == [] and intro._layout_at == float("inf")
+    intro._kread = be.mem.read
+    intro._discover_layout(intro._kread)
+    assert seen == [be.mem.read] and intro._layout_at != float("inf")   # and retried later
+    assert any(n.startswith("task ids unavailable") for n in intro.status.notes)
