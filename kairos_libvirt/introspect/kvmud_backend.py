@@ -206,6 +206,10 @@ class KvmUdBackend:
     def close(self) -> None:
         """Disarm every site (NOP back), drop the table, release the ring and the fd."""
         ud, self.ud = self.ud, None
+        if ud is not None and not os.path.exists(f"/proc/{self.qemu_pid}"):
+            # QEMU is gone: no vCPU thread runs to take the ops (each would wait
+            # OP_TIMEOUT_MS), and the VM's teardown restores the NOPs.
+            self.armed = set()
         if ud is not None:
             for addr in list(self.armed):
                 if addr not in self.table:

@@ -552,6 +552,7 @@ class Introspector:
                 cpu = census.cpu_of(ref.addr)
                 if self.model.moved(key, cpu):
                     changed = True
+                self.model.identify(key, ref.tid, ref.comm)
                 ev = GuestEvent("census", key, cpu, now, tid=ref.tid, comm=ref.comm)  # type: ignore[arg-type]
                 if self.model.discover(ev, state.policy, state.priority or None, state.runtime_ns,
                                        state.deadline_ns, state.period_ns):

@@ -394,6 +394,14 @@ class TaskModel:
         self.version += 1
         return True
 
+    def identify(self, key: str, tid: Optional[int], comm: Optional[str]) -> None:
+        """The task's id and name as its task_struct has them (a census): traps that cannot
+        name their task (kvm-ud) leave them unknown, and an exec renames.  The analysis
+        does not read them: the version stays."""
+        t = self.tasks.get(key)
+        if t is not None and tid is not None:
+            t.tid, t.comm = tid, comm
+
     def moved(self, key: str, vcpu: Optional[int]) -> bool:
         """The task now runs on ``vcpu`` as its task_struct says (a census); True if it moved."""
         t = self.tasks.get(key)

@@ -239,3 +239,23 @@ def test_a_backend_whose_traps_cannot_name_tasks_learns_the_layout_only_with_gue
     intro._discover_layout(intro._kread)
     assert seen == [be.mem.read] and intro._layout_at != float("inf")   # and retried later
     assert any(n.startswith("task ids unavailable") for n in intro.status.notes)
+
+
+def test_the_census_names_a_task_its_trap_could_not():
+    """kvm-ud's events carry no task identity: the census fills in tid and comm."""
+    from kairos_libvirt.introspect.decode import SchedRequest
+    from kairos_libvirt.introspect.plan import GuestEvent
+    be = FakeBackend()
+    intro = runtime.Introspector(be, lambda read: None, {0: VcpuSched("deadline", 10**6, 10**7)},
+                                 {0: Fraction(1, 2)})
+    intro.sched_layout = SchedLayout(PRIO, POLICY)
+    a = 0xffff888003000000
+    be.mem.put(a, bytes(0x400))
+    plant(be.mem, a, fifo(50))
+    intro.model.apply(GuestEvent("sched", "0xk10", 0, 0, sched=SchedRequest("fifo", 50)))
+    version = intro.model.version
+    intro.census = FakeCensus(be.mem, [cs.TaskRef(a, 10, 3, "cyclictest", "0xk10")])
+    intro.census_once()
+    (t,) = intro.tasks_snapshot()
+    assert (t["tid"], t["comm"], t["origin"]) == (10, "cyclictest", "call")
+    assert intro.model.version == version     # a name is no analysis input

@@ -142,7 +142,7 @@ def sched_attr(policy, prio=0, runtime=0, deadline=0, period=0, size=48):
 def rig():
     guest = FakeGuest()
     fake = FakeKvmUd(guest)
-    be = KvmUdBackend(4242, attach=lambda pid: fake)
+    be = KvmUdBackend(os.getpid(), attach=lambda pid: fake)   # a live "QEMU"
     be.open()
     be.plan = ResolvedPlan({SITES[s.kind]: s for s in PLAN})
     for a in be.plan.sites:
@@ -189,6 +189,19 @@ def test_arm_sets_one_table_in_plan_order_and_close_restores(rig):
     be.close()
     assert all(guest.read(a, 5) == NOP5 for a in SITES.values())
     assert fake.traps == [] and fake.closed
+
+
+def test_close_after_qemu_exited_waits_for_no_vcpu(rig):
+    """No vCPU thread runs to take a disarm once QEMU is gone (each op would wait its
+    timeout): close releases the ring at once, the VM's teardown restores the NOPs."""
+    import subprocess
+    guest, fake, be = rig
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    be.qemu_pid = gone.pid
+    fake.disarm = lambda index, **kw: pytest.fail("a disarm op for an exited QEMU")
+    be.close()
+    assert fake.closed and be.armed == set()
 
 
 def test_a_disarm_the_kernel_reads_back_armed_is_an_error(rig):
@@ -296,7 +309,7 @@ def test_event_memory_places_each_step():
 def test_overflow_and_rate_drops_are_counted_as_suppressed():
     fake = FakeKvmUd(FakeGuest())
     fake.c["overflow"] = 7  # before open: not ours
-    be = KvmUdBackend(4242, attach=lambda pid: fake)
+    be = KvmUdBackend(os.getpid(), attach=lambda pid: fake)   # a live "QEMU"
     be.open()
     be.plan = ResolvedPlan({SITES[s.kind]: s for s in PLAN})
     be.arm(SITES["exit"])
