@@ -66,7 +66,12 @@ def adapt(model: TaskModel, declared: Mapping[int, VcpuSched],
     plain EDP model.
     """
     vids = sorted(declared)
-    out = {v: Adapted(v, declared[v], "declared") for v in vids}
+    return _analyse(demand_tasks(model, vids), vids, declared, ceilings, overhead_ns,
+                    enforcement_ns)
+
+
+def demand_tasks(model: TaskModel, vids: Sequence[int]) -> List[analysis.Task]:
+    """The analysis input: the model's RT tasks with a known demand, vCPU as an index of ``vids``."""
     tasks: List[analysis.Task] = []
     index = {v: i for i, v in enumerate(vids)}
     for t in model.rt_tasks():
@@ -81,6 +86,56 @@ def adapt(model: TaskModel, declared: Mapping[int, VcpuSched],
                                    # (the guest may migrate it: the next event moves it).
                                    vcpu=index.get(t.vcpu) if t.vcpu is not None else None,
                                    scheduler="edf" if t.policy == "deadline" else "fp"))
+    return tasks
+
+
+class Adapter:
+    """:func:`adapt` for one domain, re-analysing only the vCPUs whose tasks changed.
+
+    When every task has a vCPU (the guest placed it: the usual case) the
+    vCPUs' servers are independent (interface_for analyses each vCPU's own
+    tasks), so a vCPU whose task tuple is what it was keeps its result and
+    costs nothing.  A task without a vCPU is partitioned with the others:
+    then all vCPUs are analysed together.  Same results as :func:`adapt`,
+    except that an analysis error is confined to its vCPU.
+    """
+
+    def __init__(self, declared: Mapping[int, VcpuSched], ceilings: Mapping[int, Fraction],
+                 overhead_ns: int = DEFAULT_OVERHEAD_NS, enforcement_ns: int = 0) -> None:
+        self.declared, self.ceilings = dict(declared), dict(ceilings)
+        self.overhead_ns, self.enforcement_ns = overhead_ns, enforcement_ns
+        self.vids = sorted(declared)
+        self._memo: Dict[int, tuple] = {}      # vCPU -> (its tasks, its Adapted)
+        #: vCPU analyses run (a joint analysis counts every vCPU): the cost the memo saves.
+        self.analysed = 0
+
+    def adapt(self, model: TaskModel) -> Dict[int, Adapted]:
+        from dataclasses import replace
+        tasks = demand_tasks(model, self.vids)
+        if any(t.vcpu is None for t in tasks):
+            self._memo.clear()
+            self.analysed += len(self.vids)
+            return _analyse(tasks, self.vids, self.declared, self.ceilings, self.overhead_ns,
+                            self.enforcement_ns)
+        out: Dict[int, Adapted] = {}
+        for i, vid in enumerate(self.vids):
+            mine = tuple(t for t in tasks if t.vcpu == i)
+            memo = self._memo.get(vid)
+            if memo is not None and memo[0] == mine:
+                out[vid] = memo[1]
+                continue
+            self.analysed += 1
+            got = _analyse([replace(t, vcpu=0) for t in mine], [vid], self.declared,
+                           self.ceilings, self.overhead_ns, self.enforcement_ns)[vid]
+            self._memo[vid] = (mine, got)
+            out[vid] = got
+        return out
+
+
+def _analyse(tasks: List[analysis.Task], vids: Sequence[int], declared: Mapping[int, VcpuSched],
+             ceilings: Mapping[int, Fraction], overhead_ns: int,
+             enforcement_ns: int) -> Dict[int, Adapted]:
+    out = {v: Adapted(v, declared[v], "declared") for v in vids}
     if not tasks or not vids:
         return out
     by_name = {t.name: t for t in tasks}

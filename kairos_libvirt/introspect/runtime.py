@@ -32,10 +32,12 @@ from .tasks import PERIOD_CONFIRM, TaskModel
 
 log = logging.getLogger("kairosvm-agent.introspect")
 
-#: Re-run the analysis at most this often, and only after the model was quiet
-#: for DEBOUNCE_S (a burst of events gives one re-enforcement).
-DEBOUNCE_S = 0.05
-MAX_DELAY_S = 0.5
+#: Coalescing of model changes into analyses (issue 13): the first change after a
+#: quiet spell is analysed at once (the agent wakes on it); changes within
+#: COALESCE_S of an analysis wait for the end of that window and are analysed
+#: together.  A guest hammering sched_setattr thus costs at most 1/COALESCE_S
+#: analyses a second, and a task that starts is served within one wake-up.
+COALESCE_S = 0.02
 #: clock_nanosleep is re-armed for a sampling window RESAMPLE_EVERY_S after
 #: the periods are learnt, then ever more rarely while the windows confirm
 #: what is believed (the interval doubles up to RESAMPLE_MAX_S; any change of
@@ -104,6 +106,8 @@ class Introspector:
         self.declared = dict(declared)
         self.ceilings = dict(ceilings)
         self.overhead_ns = overhead_ns
+        #: The analysis, re-run per vCPU only where the vCPU's tasks changed.
+        self._adapter = _adapt.Adapter(self.declared, self.ceilings, overhead_ns, enforcement_ns)
         self.model = TaskModel()
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
@@ -137,12 +141,15 @@ class Introspector:
         self.rsyms = None
         self._analysed_version = -1
         self._adapted: Dict[int, _adapt.Adapted] = {}
-        self._dirty_since: Optional[float] = None
+        #: The model changed since the last analysis; when that analysis ran.
+        self._dirty = False
+        self._analysed_at = float("-inf")
+        #: Called (from any thread) when the model changed: the agent's wake-up.
+        self.notify: Callable[[], None] = lambda: None
         #: Trap time (monotonic ns) of the event behind the latest re-analysis:
         #: the agent measures its reaction latency from it.
         self._trigger_ns: Optional[int] = None
         self.trigger_ns: Optional[int] = None
-        self._last_change = 0.0
         self._sleep_sites: List[int] = []
         self._sleep_armed = True
         self._resample_at = 0.0
@@ -470,11 +477,9 @@ class Introspector:
                 log.info("guest task %s (tid %s) runs %s since before the attach: read from its "
                          "task_struct", ev.comm, ev.tid, found.policy)
             if self.model.apply(ev) or learnt:
-                now = time.monotonic()
-                self._last_change = now
-                if self._dirty_since is None:
-                    self._dirty_since = now
+                if not self._dirty:
                     self._trigger_ns = hit.time_ns
+                self._changed()
         self._sampling_policy()
 
     def _read_unknown(self, ev, task: Optional[int], read: Callable[[int, int], bytes]):
@@ -581,9 +586,7 @@ class Introspector:
                     (log.info if announced else log.debug)(
                         "guest task %s (tid %s) is gone or no longer real-time", t.comm, t.tid)
             if changed:
-                self._last_change = time.monotonic()
-                if self._dirty_since is None:
-                    self._dirty_since = self._last_change
+                self._changed()
         return changed
 
     # -- the sleep sampler (its own thread, VM running) --------------------------
@@ -647,10 +650,7 @@ class Introspector:
                             sleep=SleepRequest(1, True, Timespec(target // 10**9, target % 10**9)))
             with self.lock:
                 if self.model.apply(ev):
-                    now = time.monotonic()
-                    self._last_change = now
-                    if self._dirty_since is None:
-                        self._dirty_since = now
+                    self._changed()
             fed += 1
         self.samples += fed
         return fed
@@ -728,9 +728,25 @@ class Introspector:
             self.backend.request(lambda: self._rearm_sleep(time.monotonic()))
             self._resample_at = time.monotonic() + self._resample_every
 
+    def _changed(self) -> None:
+        """The model changed (caller holds self.lock): wake the agent."""
+        self._dirty = True
+        self.notify()
+
     # -- the agent asks ---------------------------------------------------
+    def next_due(self, now: Optional[float] = None) -> Optional[float]:
+        """Seconds until :meth:`adapted` has a change to analyse (0: now), None: nothing pending.
+
+        The agent sleeps until then, or until :attr:`notify` wakes it.
+        """
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            if not self._dirty:
+                return None
+            return max(0.0, self._analysed_at + COALESCE_S - now)
+
     def adapted(self) -> Dict[int, _adapt.Adapted]:
-        """Current per-vCPU reservations (debounced re-analysis when the model changed).
+        """Current per-vCPU reservations, re-analysed when the model changed (coalesced).
 
         Hysteresis: the analysis re-runs only when the task set changed (the
         model's version moved), and it is a function of the task set, so a
@@ -738,18 +754,17 @@ class Introspector:
         """
         now = time.monotonic()
         with self.lock:
-            due = self._dirty_since is not None and (
-                now - self._last_change >= DEBOUNCE_S or now - self._dirty_since >= MAX_DELAY_S)
+            due = self._dirty and now >= self._analysed_at + COALESCE_S
             if self._analysed_version == -1 or (due and self.model.version !=
                                                 self._analysed_version):
-                new = _adapt.adapt(self.model, self.declared, self.ceilings, self.overhead_ns,
-                                   enforcement_ns=self.enforcement_ns)
+                new = self._adapter.adapt(self.model)
                 self._count_changes(self._adapted, new)
                 self._adapted = new
                 self._analysed_version = self.model.version
+                self._analysed_at = now
                 self.trigger_ns, self._trigger_ns = self._trigger_ns, None
             if due:
-                self._dirty_since = None
+                self._dirty = False
             return dict(self._adapted)
 
     def _count_changes(self, old: Mapping[int, _adapt.Adapted],

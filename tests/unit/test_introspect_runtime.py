@@ -559,7 +559,7 @@ def test_runtime_attaches_learns_and_adapts(monkeypatch):
         while be.counters.decoded < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert be.counters.rejected == 1 and "pt_regs" in be.counters.last_error
-        time.sleep(runtime.DEBOUNCE_S + 0.05)
+        time.sleep(runtime.COALESCE_S + 0.05)
         a = intro.adapted()[0]
         assert a.source == "introspection" and a.sched.runtime_ns * 10 >= 3 * a.sched.period_ns
         snap = intro.tasks_snapshot()
@@ -757,3 +757,63 @@ def test_resampling_backs_off_while_windows_confirm_and_resets_on_a_change():
     intro.model.apply(sched_ev("b", SchedRequest("deadline", 0, 1_000_000, 10_000_000, 10_000_000)))
     window()
     assert intro._resample_every == runtime.RESAMPLE_EVERY_S
+
+
+def test_the_adapter_reanalyses_only_the_vcpu_whose_tasks_changed():
+    """Issue 13: with every task placed on a vCPU the servers are independent; the
+    memoised analysis gives what adapt() gives and re-runs one vCPU per change."""
+    declared = {v: VcpuSched("deadline", 1_000_000, 10_000_000) for v in (0, 1)}
+    ceilings = {0: Fraction(1, 2), 1: Fraction(1, 2)}
+    m = TaskModel()
+    m.apply(sched_ev("a", SchedRequest("deadline", 0, 2_000_000, 10_000_000, 10_000_000), vcpu=0))
+    m.apply(sched_ev("b", SchedRequest("deadline", 0, 3_000_000, 20_000_000, 20_000_000), vcpu=1))
+    ad = adapt_mod.Adapter(declared, ceilings)
+    assert ad.adapt(m) == adapt_mod.adapt(m, declared, ceilings) and ad.analysed == 2
+    assert ad.adapt(m) == adapt_mod.adapt(m, declared, ceilings) and ad.analysed == 2
+    m.apply(sched_ev("b", SchedRequest("deadline", 0, 4_000_000, 20_000_000, 20_000_000), vcpu=1))
+    got = ad.adapt(m)
+    assert got == adapt_mod.adapt(m, declared, ceilings) and ad.analysed == 3
+    assert got[1].sched.runtime_ns >= 4_000_000 * got[1].sched.period_ns // 20_000_000
+
+
+def test_a_task_with_no_vcpu_is_analysed_with_every_vcpu():
+    declared = {v: VcpuSched("deadline", 1_000_000, 10_000_000) for v in (0, 1)}
+    ceilings = {0: Fraction(1, 2), 1: Fraction(1, 2)}
+    m = TaskModel()
+    m.apply(sched_ev("a", SchedRequest("deadline", 0, 2_000_000, 10_000_000, 10_000_000),
+                     vcpu=None))
+    ad = adapt_mod.Adapter(declared, ceilings)
+    assert ad.adapt(m) == adapt_mod.adapt(m, declared, ceilings) and ad.analysed == 2
+
+
+def test_the_first_change_is_analysed_at_once_and_a_burst_after_it_coalesced(monkeypatch):
+    """Leading edge: a change after a quiet spell is due now (the agent wakes on
+    notify); later ones wait for the end of the COALESCE_S window, then together."""
+    clock = [100.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    woken = []
+    intro = runtime.Introspector(FakeBackend(), lambda read: None,
+                                 {0: VcpuSched("deadline", 1_000_000, 10_000_000)},
+                                 {0: Fraction(1, 2)})
+    intro.notify = lambda: woken.append(clock[0])
+    intro.adapted()                                   # the declaration, analysed once
+    assert intro.next_due() is None
+    clock[0] += 1.0                                   # a quiet second
+    with intro.lock:
+        intro.model.apply(sched_ev("a", SchedRequest("deadline", 0, 2_000_000, 10_000_000,
+                                                     10_000_000)))
+        intro._changed()
+    assert woken == [101.0] and intro.next_due() == 0.0
+    assert intro.adapted()[0].source == "introspection"
+    clock[0] += 0.005
+    with intro.lock:
+        intro.model.apply(sched_ev("a", SchedRequest("deadline", 0, 3_000_000, 10_000_000,
+                                                     10_000_000)))
+        intro._changed()
+    assert intro.next_due() == pytest.approx(runtime.COALESCE_S - 0.005)
+    first = intro.adapted()[0].sched
+    assert first.bandwidth < Fraction(3, 10)           # not yet: inside the window
+    clock[0] += runtime.COALESCE_S
+    assert intro.next_due() == 0.0
+    assert intro.adapted()[0].sched.bandwidth >= Fraction(3, 10)
+    assert intro.next_due() is None and intro.server_changes == 2

@@ -342,7 +342,7 @@ def test_replay_of_the_measured_sequence_keeps_4ms_and_never_flips(monkeypatch):
     re-sampling pauses.  The period believed is 4 ms throughout (or not yet known),
     the vCPU's server changes once (declared -> analysed, period <= 4 ms), and the
     re-sampling never changes it."""
-    monkeypatch.setattr(runtime, "DEBOUNCE_S", 0.0)
+    monkeypatch.setattr(runtime, "COALESCE_S", 0.0)
     r = Replay(monkeypatch)
     for _ in range(60):                       # traps dearer than the period: k = 1, 2
         r.iteration()
@@ -372,7 +372,7 @@ def test_replay_of_the_measured_sequence_keeps_4ms_and_never_flips(monkeypatch):
 def test_flips_are_counted_when_beliefs_flap(monkeypatch):
     """Without the hysteresis (PERIOD_CONFIRM = 1) an alternating gap pattern moves the
     period back and forth with no change in the guest's tasks: the counter shows it."""
-    monkeypatch.setattr(runtime, "DEBOUNCE_S", 0.0)
+    monkeypatch.setattr(runtime, "COALESCE_S", 0.0)
     monkeypatch.setattr(tasks, "PERIOD_CONFIRM", 1)
     r = Replay(monkeypatch)
     last = 10**9
