@@ -24,15 +24,15 @@ from typing import Dict, Optional
 from . import config as _config
 from . import enforce, paths, rtgroups
 from .errors import HostError, KairosError
-from .host import cgroup, cpuset, proc, sched
+from .host import cgroup, cpuset, proc, sched, wake
 from .ledger import Entry, Ledger, ensure_dir
 from .model import VcpuSched
 from .state import DomainState, VcpuState, to_xml, utcnow
 
 log = logging.getLogger("kairosvm-agent")
 
-POLL_S = 0.5
-INTRO_POLL_S = 0.05
+#: The periodic re-check (kernel state read back, ledger re-read, counters published):
+#: everything else wakes the agent when it happens (host/wake.py).
 RECHECK_S = 2.0
 QEMU_WAIT_S = 30.0
 RETRY_S = 10
@@ -63,6 +63,15 @@ class Agent:
         #: refused since: the host-wide ledger lock is taken only for a real regrant (issue 13).
         self.grants: Dict[int, VcpuSched] = {}
         self.refused: Dict[int, object] = {}
+        #: What the loop sleeps on: QEMU's exit, the introspection threads, kairosvm hold.
+        self.wake: Optional[wake.Wakeup] = None
+        self.wakeups = 0
+
+    def request_stop(self) -> None:
+        """Stop the loop (signal handlers, tests)."""
+        self.stop.set()
+        if self.wake is not None:
+            self.wake.set()
 
     # -- lifecycle -------------------------------------------------------
     def run(self) -> int:
@@ -83,35 +92,69 @@ class Agent:
                 log.info("ledger entry of %s released meanwhile; exiting", self.name)
                 return 0
         self._connect()
-        if entry.introspection is not None and entry.introspection.backend != "off":
-            self._start_introspection(entry, pid)
-        poll = INTRO_POLL_S if self.intro is not None else POLL_S
-        last_check = 0.0
+        self.wake = wake.Wakeup(paths.control_socket(self.cfg, self.name))
         try:
-            while not self.stop.is_set():
-                cur = proc.qemu_pid(self.name)
-                if cur is None or cur != pid:
-                    log.info("QEMU %s of %s is gone; exiting", pid, self.name)
-                    break
-                now = time.monotonic()
-                if self.intro is not None:
-                    self.intro.hold(os.path.exists(paths.hold_file(self.cfg, self.name)))
-                regranted = self._adapt() if self.intro is not None else None
-                if regranted is not None or now - last_check >= RECHECK_S:
-                    last_check = now
-                    entry = regranted or self.ledger.read().domains.get(self.name)
-                    if entry is None:
-                        log.info("ledger entry of %s released; exiting", self.name)
-                        break
-                    self.grants = dict(entry.granted)
-                    if regranted is None:
-                        self.refused.clear()   # capacity may have freed: try refused servers again
-                    self.step(pid, dict(entry.granted))
-                self.stop.wait(poll)
+            if not self.wake.watch_process(pid):
+                log.info("QEMU %s of %s is gone; exiting", pid, self.name)
+                return 0
+            if entry.introspection is not None and entry.introspection.backend != "off":
+                self._start_introspection(entry, pid)
+            self._loop(pid)
         finally:
             if self.intro is not None:
                 self.intro.stop()
+            self.wake.close()
         return 0
+
+    def _loop(self, pid: int) -> None:
+        """Sleep until an event (host/wake.py) or the next re-check; act on what changed.
+
+        Idle, the agent wakes every RECHECK_S only.  A guest call that changes
+        the task model wakes it at once; the introspector coalesces what
+        follows (runtime.COALESCE_S), and the ledger lock is taken only for a
+        real regrant.
+        """
+        assert self.wake is not None
+        last_check = float("-inf")
+        published_state = None
+        while not self.stop.is_set():
+            now = time.monotonic()
+            recheck = now - last_check >= RECHECK_S
+            if self.intro is not None and recheck:
+                self._look_at_hold()
+            regranted = self._adapt() if self.intro is not None else None
+            intro_state = self.intro.status.state if self.intro is not None else None
+            if regranted is not None or recheck or intro_state != published_state:
+                if regranted is None and recheck:
+                    entry = self.ledger.read().domains.get(self.name)
+                    if entry is None:
+                        log.info("ledger entry of %s released; exiting", self.name)
+                        return
+                    self.grants = dict(entry.granted)
+                    self.refused.clear()   # capacity may have freed: try refused servers again
+                else:
+                    entry = regranted
+                if recheck:
+                    last_check = now
+                self.step(pid, dict(entry.granted) if entry is not None else dict(self.grants))
+                published_state = intro_state
+            timeout = RECHECK_S - (time.monotonic() - last_check)
+            due = self.intro.next_due() if self.intro is not None else None
+            if due is not None:
+                timeout = min(timeout, due)
+            if not self.wake.watches_exit:
+                timeout = min(timeout, 0.5)    # no pidfd: QEMU's exit is probed
+            events = self.wake.wait(timeout)
+            self.wakeups += 1
+            if "exit" in events:
+                log.info("QEMU %s of %s is gone; exiting", pid, self.name)
+                return
+            if "control" in events and self.intro is not None:
+                self._look_at_hold()
+
+    def _look_at_hold(self) -> None:
+        """The hold file says what the admin wants; hold() is idempotent and retries a failure."""
+        self.intro.hold(os.path.exists(paths.hold_file(self.cfg, self.name)))
 
     # -- introspection ---------------------------------------------------
     def _start_introspection(self, entry: Entry, pid: int) -> None:
@@ -134,6 +177,8 @@ class Agent:
         if note:
             self.intro.status.notes.append(note)
             log.warning("%s", note)
+        if self.wake is not None:
+            self.intro.notify = self.wake.set
         self.intro.start()
 
     def _adapt(self) -> Optional[Entry]:
@@ -410,8 +455,8 @@ def _worker(name: str, cfg: _config.HostConfig) -> int:
     pidfile = paths.agent_pid_file(cfg, name)
     _write_pid(pidfile)
     agent = Agent(name, cfg)
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
-    signal.signal(signal.SIGINT, lambda *_: agent.stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
     try:
         return agent.run()
     except KairosError as exc:

@@ -210,6 +210,8 @@ def cmd_hold(args: argparse.Namespace) -> int:
             os.unlink(flag)
         except FileNotFoundError:
             pass
+    from .host import wake
+    wake.poke(paths.control_socket(cfg, args.domain))   # else it looks at its next re-check
     dom = virt.lookup(virt.connect(), args.domain)
     want = "held" if hold else "running"
     deadline = _time.monotonic() + args.timeout

@@ -27,6 +27,11 @@ def hold_file(cfg: HostConfig, name: str) -> str:
     return os.path.join(domain_dir(cfg, name), "hold")
 
 
+def control_socket(cfg: HostConfig, name: str) -> str:
+    """The agent's command socket (host/wake.py): ``kairosvm hold`` pokes it."""
+    return os.path.join(domain_dir(cfg, name), "agent.sock")
+
+
 def agent_log(cfg: HostConfig, name: str) -> str:
     return os.path.join(cfg.log_dir, f"{name}.log")
 

@@ -216,6 +216,7 @@ class Introspector:
         # in run(): it disarms whatever an attach in flight armed, then says "held".
         self.status.state = "running"
         self.status.error = None
+        self.notify()
         log.info("introspection (%s) running%s: %s", self.backend.name,
                  " (held: sites stay disarmed)" if self._held else "",
                  ", ".join(f"{k}@{a:#x}" for k, a in self.status.sites.items()))
@@ -230,6 +231,7 @@ class Introspector:
         except KairosError as exc:
             self.status.state, self.status.error = "failed", str(exc)
             log.error("introspection (%s) stopped: %s", self.backend.name, exc)
+            self.notify()
         finally:
             self._safe_close()
             if self.status.state in ("running", "held"):
@@ -713,10 +715,12 @@ class Introspector:
             except KairosError as exc:
                 self.status.error = f"{'hold' if on else 'resume'}: {exc}"
                 log.error("introspection %s failed: %s", "hold" if on else "resume", exc)
-                self._held = not on  # the agent's next call tries again
+                self._held = not on  # the agent's next look at the hold file tries again
+                self.notify()
                 return
             self.status.error = None
             self.status.state = "held" if on else "running"
+            self.notify()                       # the agent publishes it: `kairosvm hold` waits
             log.info("introspection %s: %d sites %s", "held" if on else "resumed", len(sites),
                      "disarmed" if on else "armed")
         self.backend.request(apply)
