@@ -174,28 +174,35 @@ class Enforcer:
     """The agent's enforcement loop, reduced: apply what the Introspector adapts to vCPU 0."""
 
     def __init__(self, intro: Introspector, tid: int, declared: VcpuSched = DECLARED) -> None:
+        from kairos_libvirt.host.wake import Wakeup
         self.intro, self.tid = intro, tid
         self.applied = declared
         self.changes: list = []          # (monotonic_ns, runtime_ns, period_ns, source)
         self.stop = threading.Event()
+        # Woken by the runtime as the agent is (host/wake.py, issue 13): no poll.
+        self.wake = Wakeup()
+        intro.notify = self.wake.set
         sched.set_deadline(tid, declared.runtime_ns, declared.effective_deadline_ns, declared.period_ns)
         self.t = threading.Thread(target=self._loop, daemon=True)
         self.t.start()
 
     def _loop(self) -> None:
-        while not self.stop.wait(0.02):
+        while not self.stop.is_set():
             self.intro.tick()
             a = self.intro.adapted().get(0)
-            if a is None or a.sched == self.applied:
-                continue
-            s = a.sched
-            sched.set_deadline(self.tid, s.runtime_ns, s.effective_deadline_ns, s.period_ns)
-            self.applied = s
-            self.changes.append((time.monotonic_ns(), s.runtime_ns, s.period_ns, a.source))
+            if a is not None and a.sched != self.applied:
+                s = a.sched
+                sched.set_deadline(self.tid, s.runtime_ns, s.effective_deadline_ns, s.period_ns)
+                self.applied = s
+                self.changes.append((time.monotonic_ns(), s.runtime_ns, s.period_ns, a.source))
+            due = self.intro.next_due()
+            self.wake.wait(0.5 if due is None else min(0.5, due))
 
     def close(self) -> None:
         self.stop.set()
+        self.wake.set()
         self.t.join(5)
+        self.wake.close()
 
 
 def dl_phase(l2: L2, intro: "TimedIntrospector", res: dict, count: int) -> None:
@@ -219,7 +226,7 @@ def dl_phase(l2: L2, intro: "TimedIntrospector", res: dict, count: int) -> None:
                       "capped": a.capped, "note": a.note}
     if intro.first_sched_ns and enf.changes:
         # trap (kvm-ud: the kernel's ktime at the #UD; gdbstub: the stop handled) -> vCPU re-set,
-        # through the runtime's debounce (runtime.DEBOUNCE_S) and the 20 ms enforcement poll
+        # the enforcer woken by the runtime (no poll; later changes coalesced: runtime.COALESCE_S)
         res["reaction_ms"] = round((enf.changes[0][0] - intro.first_sched_ns) / 1e6, 2)
     l2.wait_done("dl", pos, 120)
     res["guest_program_s"] = round(now() - t0, 2)
