@@ -265,3 +265,31 @@ class StopBudget:
                 "budget_window_ns": self.spec.window_budget_ns,
                 "budget_max_stop_ns": self.spec.max_stop_ns,
                 "budget_hit_cost_ns": self.spec.hit_cost_ns, "charged_ns": self.charged_ns}
+
+
+@dataclass
+class Bucket:
+    """Token bucket: ``rate`` hits/s sustained, ``burst`` at once."""
+
+    rate: float
+    burst: float
+    tokens: float = 0.0
+    stamp: float = 0.0
+
+    def _refill(self, now: float) -> None:
+        if self.stamp == 0.0:
+            self.tokens, self.stamp = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until a token is there (0: now); takes none."""
+        self._refill(now)
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
+
+    def take(self, now: float) -> bool:
+        self._refill(now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Set
 
 from ..errors import KairosError
-from .budget import StopBudget
+from .budget import Bucket, StopBudget
 from .control import ControlQueue
 from .plan import Hit, ResolvedPlan
 from .rsp.client import RspClient
@@ -39,26 +39,6 @@ from .rsp.errors import RspError, RspTimeout
 log = logging.getLogger("kairosvm-agent.gdbstub")
 
 SOCKET_NAME = "gdb.sock"
-
-
-@dataclass
-class Bucket:
-    """Token bucket: ``rate`` hits/s sustained, ``burst`` at once."""
-
-    rate: float
-    burst: float
-    tokens: float = 0.0
-    stamp: float = 0.0
-
-    def take(self, now: float) -> bool:
-        if self.stamp == 0.0:
-            self.tokens, self.stamp = self.burst, now
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 from ..errors import KairosError
 from ..model import VcpuSched
 from . import adapt as _adapt
+from .budget import Bucket
 from .decode import DecodeError
 from .plan import Hit, ResolvedPlan, decode_hit, resolve_plan
 from .tasks import PERIOD_CONFIRM, TaskModel
@@ -38,6 +39,11 @@ log = logging.getLogger("kairosvm-agent.introspect")
 #: together.  A guest hammering sched_setattr thus costs at most 1/COALESCE_S
 #: analyses a second, and a task that starts is served within one wake-up.
 COALESCE_S = 0.02
+#: And a guest whose task set churns (a hostile one spawning RT processes) gets at most
+#: ANALYSIS_RATE analyses a second after a burst of ANALYSIS_BURST: each may regrant
+#: under the host-wide ledger lock.
+ANALYSIS_RATE = 4.0
+ANALYSIS_BURST = 8.0
 #: clock_nanosleep is re-armed for a sampling window RESAMPLE_EVERY_S after
 #: the periods are learnt, then ever more rarely while the windows confirm
 #: what is believed (the interval doubles up to RESAMPLE_MAX_S; any change of
@@ -144,6 +150,7 @@ class Introspector:
         #: The model changed since the last analysis; when that analysis ran.
         self._dirty = False
         self._analysed_at = float("-inf")
+        self._analyses = Bucket(ANALYSIS_RATE, ANALYSIS_BURST)
         #: Called (from any thread) when the model changed: the agent's wake-up.
         self.notify: Callable[[], None] = lambda: None
         #: Trap time (monotonic ns) of the event behind the latest re-analysis:
@@ -747,7 +754,7 @@ class Introspector:
         with self.lock:
             if not self._dirty:
                 return None
-            return max(0.0, self._analysed_at + COALESCE_S - now)
+            return max(0.0, self._analysed_at + COALESCE_S - now, self._analyses.wait_s(now))
 
     def adapted(self) -> Dict[int, _adapt.Adapted]:
         """Current per-vCPU reservations, re-analysed when the model changed (coalesced).
@@ -758,9 +765,11 @@ class Introspector:
         """
         now = time.monotonic()
         with self.lock:
-            due = self._dirty and now >= self._analysed_at + COALESCE_S
+            due = (self._dirty and now >= self._analysed_at + COALESCE_S
+                   and self._analyses.wait_s(now) == 0.0)
             if self._analysed_version == -1 or (due and self.model.version !=
                                                 self._analysed_version):
+                self._analyses.take(now)
                 new = self._adapter.adapt(self.model)
                 self._count_changes(self._adapted, new)
                 self._adapted = new

@@ -817,3 +817,26 @@ def test_the_first_change_is_analysed_at_once_and_a_burst_after_it_coalesced(mon
     assert intro.next_due() == 0.0
     assert intro.adapted()[0].sched.bandwidth >= Fraction(3, 10)
     assert intro.next_due() is None and intro.server_changes == 2
+
+
+def test_a_churning_task_set_gets_a_bounded_number_of_analyses(monkeypatch):
+    """A hostile guest spawning RT processes changes the model every few ms: after a
+    burst the analyses (each may regrant under the host-wide lock) come at ANALYSIS_RATE."""
+    clock = [100.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    intro = runtime.Introspector(FakeBackend(), lambda read: None,
+                                 {0: VcpuSched("deadline", 1_000_000, 10_000_000)},
+                                 {0: Fraction(1, 2)})
+    intro.adapted()
+    for i in range(400):                                  # 10 s, a change every 25 ms
+        clock[0] += 0.025
+        with intro.lock:
+            intro.model.apply(sched_ev(f"k{i}", SchedRequest("deadline", 0, 1_000_000 + i * 1000,
+                                                             10_000_000, 10_000_000)))
+            intro._changed()
+        due = intro.next_due()
+        assert due is not None and due <= 1 / runtime.ANALYSIS_RATE + 1e-9
+        intro.adapted()
+    analyses = intro._adapter.analysed
+    assert analyses <= runtime.ANALYSIS_BURST + 10 * runtime.ANALYSIS_RATE + 2
+    assert analyses >= 10 * runtime.ANALYSIS_RATE      # it keeps following the guest
