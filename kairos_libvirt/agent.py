@@ -34,6 +34,7 @@ log = logging.getLogger("kairosvm-agent")
 #: The periodic re-check (kernel state read back, ledger re-read, counters published):
 #: everything else wakes the agent when it happens (host/wake.py).
 RECHECK_S = 2.0
+TASKS_PUBLISH_S = 0.2
 QEMU_WAIT_S = 30.0
 RETRY_S = 10
 REACTIONS_KEPT = 1024
@@ -115,16 +116,23 @@ class Agent:
         real regrant.
         """
         assert self.wake is not None
-        last_check = float("-inf")
-        published_state = None
+        last_check = last_step = float("-inf")
+        published = None
         while not self.stop.is_set():
             now = time.monotonic()
             recheck = now - last_check >= RECHECK_S
             if self.intro is not None and recheck:
                 self._look_at_hold()
             regranted = self._adapt() if self.intro is not None else None
-            intro_state = self.intro.status.state if self.intro is not None else None
-            if regranted is not None or recheck or intro_state != published_state:
+            # What the live state shows beyond the servers: introspection's state and the
+            # guest's task set (a task found or gone is published at once, at most every
+            # TASKS_PUBLISH_S while the guest churns).
+            shown = (self.intro.status.state, self.intro.model.structure) \
+                if self.intro is not None else None
+            news = shown != published and (shown is None or published is None
+                                           or shown[0] != published[0]
+                                           or now - last_step >= TASKS_PUBLISH_S)
+            if regranted is not None or recheck or news:
                 if regranted is None and recheck:
                     entry = self.ledger.read().domains.get(self.name)
                     if entry is None:
@@ -137,11 +145,13 @@ class Agent:
                 if recheck:
                     last_check = now
                 self.step(pid, dict(entry.granted) if entry is not None else dict(self.grants))
-                published_state = intro_state
+                published, last_step = shown, now
             timeout = RECHECK_S - (time.monotonic() - last_check)
             due = self.intro.next_due() if self.intro is not None else None
             if due is not None:
                 timeout = min(timeout, due)
+            if shown != published:
+                timeout = min(timeout, max(0.0, last_step + TASKS_PUBLISH_S - time.monotonic()))
             if not self.wake.watches_exit:
                 timeout = min(timeout, 0.5)    # no pidfd: QEMU's exit is probed
             events = self.wake.wait(timeout)

@@ -255,10 +255,18 @@ class StopBudget:
         return self._waiting_since is not None
 
     def report(self) -> Dict[str, int]:
-        """The counters for the live state (all ints, ns)."""
-        return {"stopped_ns": self.total_ns, "stops": self.stops,
+        """The counters for the live state (all ints, ns).
+
+        A stop still open counts (the agent may publish while the guest stands
+        stopped for the attach): what the guest has lost so far, not what is closed.
+        """
+        open_ns, open_attach = 0, 0
+        if self._open is not None:
+            open_ns = max(0, self.clock() - self._open[0])
+            open_attach = int(self._open[1] == "attach")
+        return {"stopped_ns": self.total_ns + open_ns, "stops": self.stops + (self._open is not None),
                 "longest_stop_ns": self.longest_ns, "peak_window_ns": self.peak_window_ns,
-                "long_stops": self.long_stops, "attach_stops": self.attaches,
+                "long_stops": self.long_stops, "attach_stops": self.attaches + open_attach,
                 "attach_longest_ns": self.attach_longest_ns, "budget_waits": self.waits,
                 "budget_wait_ns": self.wait_ns + (self.clock() - self._waiting_since
                                                   if self._waiting_since is not None else 0),

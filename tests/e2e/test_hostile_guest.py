@@ -42,7 +42,8 @@ def rss_kib(pid: int) -> int:
 def test_hostile_guest_gets_nothing_above_the_ceiling(domains):
     runs = " ".join(f'kairos.run="sleep 3; {cmd}"' for cmd in (
         "rtprog --policy other --hammer 100000",
-        "rtprog --garbage 2000",
+        # (in a loop: a single run may end before the agent attaches)
+        "while :; do rtprog --garbage 200; sleep 1; done",
         "while :; do rtprog --policy deadline --runtime 1s --period 1s --count 2; "
         "rtprog --policy deadline --runtime 900ms --period 1s --count 2; done",
         "rtprog --spawn 10000",

@@ -75,6 +75,19 @@ def test_the_open_stop_counts_while_the_vm_is_stopped():
     assert b.long_stops == 1                              # over max_stop: reported, not hidden
 
 
+def test_the_report_counts_an_attach_stop_still_open():
+    """The agent publishes as soon as introspection says "running", maybe before the
+    attach stop has ended: the live state counts it already, with its time so far."""
+    b = budget(share=Fraction(5, 100), max_stop=10 * MS, attach_stop_ns=200 * MS)
+    b.begin("attach", now=b.clock.t)
+    b.clock.t += 30 * MS
+    r = b.report()
+    assert (r["attach_stops"], r["stops"], r["stopped_ns"]) == (1, 1, 30 * MS)
+    b.end()
+    r = b.report()
+    assert (r["attach_stops"], r["stops"], r["stopped_ns"]) == (1, 1, 30 * MS)
+
+
 def test_peak_window_is_the_busiest_window_of_trap_stops():
     b = budget(share=Fraction(5, 100), max_stop=10 * MS)
     for k in range(5):                                     # 5 x 4 ms within 100 ms
