@@ -5,6 +5,12 @@ Started detached by the hook at ``started``/``reconnect``; one per domain
 (an exclusive flock on ``/run/kairos/domains/NAME/agent.lock``).  It never
 reverts the kernel state when it exits: the reservation belongs to the running
 domain, and the kernel keeps it even if the agent is killed.
+
+It sleeps on its event sources (host/wake.py): QEMU's exit, a change in the
+guest's task model (introspection wakes it; the first change acts at once,
+later ones are coalesced), ``kairosvm hold``; and every RECHECK_S it reads the
+kernel back and re-reads the ledger.  The host-wide ledger lock is taken only
+for a real regrant.
 """
 from __future__ import annotations
 
