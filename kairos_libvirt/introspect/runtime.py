@@ -70,6 +70,11 @@ LAYOUT_RETRY_S = 5.0
 #: the census knows before it is forgotten (a walk racing the guest can miss one).
 CENSUS_S = 1.0
 CENSUS_MISSES = 2
+#: While the guest has no real-time task the census runs this rarely: a task that
+#: becomes RT through a sched_* call is trapped at once (its next census finds the
+#: rest), and only RT tasks need their exit seen fast.  Idle, the agent then costs
+#: next to nothing (issue 13: bench/introspection (c)).
+CENSUS_IDLE_S = 5.0
 #: How often the sleep target of each known FIFO/RR task is read from guest memory
 #: (introspect/sleepers.py): the periods then need no trap at all.  Successive
 #: targets are whole periods apart whatever this interval (tasks.py, "abstime").
@@ -151,6 +156,7 @@ class Introspector:
         self._dirty = False
         self._analysed_at = float("-inf")
         self._analyses = Bucket(ANALYSIS_RATE, ANALYSIS_BURST)
+        self._sample_wake = threading.Event()
         #: Called (from any thread) when the model changed: the agent's wake-up.
         self.notify: Callable[[], None] = lambda: None
         #: Trap time (monotonic ns) of the event behind the latest re-analysis:
@@ -522,8 +528,13 @@ class Introspector:
         return None
 
     # -- the census (its own thread, VM running) -------------------------------
+    def _census_interval(self) -> float:
+        with self.lock:
+            busy = bool(self.model.rt_tasks()) or self._census_misses or self._census_seen
+        return CENSUS_S if busy else CENSUS_IDLE_S
+
     def _census_loop(self) -> None:
-        while not self.stop_event.wait(CENSUS_S):
+        while not self.stop_event.wait(self._census_interval()):
             try:
                 self.census_once()
             except KairosError as exc:       # the guest changed its lists while we read
@@ -601,17 +612,27 @@ class Introspector:
     # -- the sleep sampler (its own thread, VM running) --------------------------
     def _sample_loop(self) -> None:
         import random
-        while not self.stop_event.wait(self.sample_interval() * random.uniform(0.5, 1.5)):
+        while not self.stop_event.is_set():
+            interval = self.sample_interval()
+            if interval is None:
+                # Nothing to sample: sleep until the model changes (_changed sets it).
+                self._sample_wake.wait(CENSUS_S)
+                self._sample_wake.clear()
+                continue
+            if self.stop_event.wait(interval * random.uniform(0.5, 1.5)):
+                return
             try:
                 self.sample_once()
             except KairosError as exc:       # a stack being freed under us
                 self.sample_errors += 1
                 log.debug("sleep sampler: %s", exc)
 
-    def sample_interval(self) -> float:
-        """Seconds until the next read of the sleep targets (before jitter)."""
+    def sample_interval(self) -> Optional[float]:
+        """Seconds until the next read of the sleep targets (before jitter); None: no task."""
         with self.lock:
             tasks = [t for t in self.model.rt_tasks() if t.policy in ("fifo", "rr")]
+            if not tasks:
+                return None
             if any(t.observed_period_ns is None and t.key in self._last_target for t in tasks):
                 return SAMPLE_MIN_S
             periods = [t.observed_period_ns for t in tasks if t.observed_period_ns]
@@ -740,8 +761,9 @@ class Introspector:
             self._resample_at = time.monotonic() + self._resample_every
 
     def _changed(self) -> None:
-        """The model changed (caller holds self.lock): wake the agent."""
+        """The model changed (caller holds self.lock): wake the agent, and the sampler."""
         self._dirty = True
+        self._sample_wake.set()
         self.notify()
 
     # -- the agent asks ---------------------------------------------------

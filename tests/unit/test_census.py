@@ -259,3 +259,21 @@ def test_the_census_names_a_task_its_trap_could_not():
     (t,) = intro.tasks_snapshot()
     assert (t["tid"], t["comm"], t["origin"]) == (10, "cyclictest", "call")
     assert intro.model.version == version     # a name is no analysis input
+
+
+def test_an_idle_guest_is_sampled_never_and_counted_rarely():
+    """Issue 13: with no real-time task in the guest the sampler sleeps until the model
+    changes and the census runs every CENSUS_IDLE_S; with one, at their working rates."""
+    from kairos_libvirt.introspect.decode import SchedRequest
+    from kairos_libvirt.introspect.plan import GuestEvent
+    be = FakeBackend()
+    intro = runtime.Introspector(be, lambda read: None, {0: VcpuSched("deadline", 10**6, 10**7)},
+                                 {0: Fraction(1, 2)})
+    assert intro.sample_interval() is None
+    assert intro._census_interval() == runtime.CENSUS_IDLE_S
+    with intro.lock:
+        intro.model.apply(GuestEvent("sched", "0xk20", 0, 0, tid=20, sched=SchedRequest("fifo", 50)))
+        intro._changed()
+    assert intro._sample_wake.is_set()
+    assert intro.sample_interval() == runtime.SAMPLE_S
+    assert intro._census_interval() == runtime.CENSUS_S
