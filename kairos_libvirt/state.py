@@ -54,7 +54,8 @@ TASK_FIELDS = (("key", "key", False), ("tid", "tid", False), ("comm", "comm", Fa
                ("samples", "samples", False), ("period-source", "period_source", False),
                ("learnt-from", "origin", False))
 INTRO_COUNTERS = ("hits", "decoded", "rejected", "suppressed", "handler_ns", "evicted",
-                  "reactions", "reaction_p50_us", "reaction_p99_us",
+                  "reactions", "reaction_p50_us", "reaction_p99_us", "reaction_event_p50_us",
+                  "reaction_analysed_p50_us", "reaction_granted_p50_us",
                   "server_changes", "server_flips",
                   "stopped_ns", "stops", "longest_stop_ns", "peak_window_ns", "long_stops",
                   "attach_stops", "attach_longest_ns", "budget_waits", "budget_wait_ns",

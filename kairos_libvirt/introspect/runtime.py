@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import KairosError
 from ..model import VcpuSched
@@ -163,7 +163,10 @@ class Introspector:
         #: Trap time (monotonic ns) of the event behind the latest re-analysis:
         #: the agent measures its reaction latency from it.
         self._trigger_ns: Optional[int] = None
-        self.trigger_ns: Optional[int] = None
+        self._trigger_seen_ns = 0
+        #: (trap, event in the model, analysis done), monotonic ns, of the guest call
+        #: behind the latest analysis: the agent times its reaction's stages from it.
+        self.trigger: Optional[Tuple[int, int, int]] = None
         self._sleep_sites: List[int] = []
         self._sleep_armed = True
         self._resample_at = 0.0
@@ -502,7 +505,7 @@ class Introspector:
                          "task_struct", ev.comm, ev.tid, found.policy)
             if self.model.apply(ev) or learnt:
                 if not self._dirty:
-                    self._trigger_ns = hit.time_ns
+                    self._trigger_ns, self._trigger_seen_ns = hit.time_ns, time.monotonic_ns()
                 self._changed()
         self._sampling_policy()
 
@@ -806,7 +809,9 @@ class Introspector:
                 self._adapted = new
                 self._analysed_version = self.model.version
                 self._analysed_at = now
-                self.trigger_ns, self._trigger_ns = self._trigger_ns, None
+                self.trigger = None if self._trigger_ns is None else (
+                    self._trigger_ns, self._trigger_seen_ns, time.monotonic_ns())
+                self._trigger_ns = None
             if due:
                 self._dirty = False
             return dict(self._adapted)

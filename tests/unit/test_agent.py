@@ -29,8 +29,10 @@ def test_log_file_lines_are_timestamped(monkeypatch):
 
 def test_reaction_percentiles():
     assert agent._percentiles([]) == {}
-    p = agent._percentiles([i * 1_000_000 for i in range(1, 101)])
-    assert p == {"reactions": 100, "reaction_p50_us": 51_000, "reaction_p99_us": 100_000}
+    p = agent._percentiles([(i * 1_000_000, i * 1000, i * 2000, i * 3000) for i in range(1, 101)])
+    assert p == {"reactions": 100, "reaction_p50_us": 51_000, "reaction_p99_us": 100_000,
+                 "reaction_event_p50_us": 51, "reaction_analysed_p50_us": 102,
+                 "reaction_granted_p50_us": 153}
 
 
 def test_counters_do_not_change_the_published_shape():

@@ -38,7 +38,7 @@ class FakeLedger:
 
 
 class FakeIntro:
-    trigger_ns = None
+    trigger = None
 
     def __init__(self, sched):
         self.sched = sched
