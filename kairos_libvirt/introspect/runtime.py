@@ -83,6 +83,11 @@ CENSUS_IDLE_S = 5.0
 #: SAMPLE_MIN_S, and SAMPLE_MIN_S while a task that sleeps has no period yet.
 SAMPLE_S = 0.02
 SAMPLE_MIN_S = 0.002
+#: Once every FIFO/RR task's period is confirmed (TaskModel.stable), the sampler
+#: reads only this often (jittered: any absolute target is whole periods from the
+#: last, the GCD needs no particular spacing).  Sampling at T/3 for ever cost the
+#: host CPU and QEMU's mm lock (bench/rtquality d, loads 4 and 1+rt).
+SAMPLE_STABLE_S = 0.25
 SLEEP_KINDS = ("clock_nanosleep", "nanosleep")
 #: Task keys remembered as not real-time (a bound against a guest forking without end).
 MAX_NOT_RT = 4096
@@ -648,6 +653,8 @@ class Introspector:
             if any(t.observed_period_ns is None and t.key in self._last_target for t in tasks):
                 return SAMPLE_MIN_S
             periods = [t.observed_period_ns for t in tasks if t.observed_period_ns]
+            if periods and self.model.stable():
+                return SAMPLE_STABLE_S
         if not periods:
             return SAMPLE_S
         return max(SAMPLE_MIN_S, min(SAMPLE_S, min(periods) / 3e9))

@@ -166,17 +166,21 @@ def test_sampler_learns_the_period_from_sleep_targets_in_memory_without_a_trap()
     intro._addrs[key] = TASK
     skips = [1, 3, 2, 5, 1, 4, 2, 3, 1, 2, 6]          # whole periods between the samples
     target = 10**9
+    assert intro.sample_once() == 1
+    assert intro.sample_interval() == runtime.SAMPLE_MIN_S   # sleeping, no period yet: fast
     for n in skips:
         assert intro.sample_once() in (0, 1)
         assert intro.sample_once() == 0                # the same target again: nothing new
         target += n * 4 * MS
         k.vwrite(top - THREAD_SIZE + LIVE_AT, sleeper(target, target, TASK))
-    assert intro.sample_interval() == runtime.SAMPLE_MIN_S   # sleeping, no period yet: fast
     intro.sample_once()
     (t,) = intro.tasks_snapshot()
     assert t["observed_period_ns"] == 4 * MS and t["period_source"] == "abstime"
     assert intro.samples == len(skips) + 1 and be.counters.hits == 0
-    assert intro.sample_interval() == max(runtime.SAMPLE_MIN_S, 4 * MS / 3e9)  # a third of T, floored
+    # Confirmed (TaskModel.stable): the sampler slows down; before, a third of T, floored.
+    assert intro.model.stable() and intro.sample_interval() == runtime.SAMPLE_STABLE_S
+    intro.model.tasks[key].periods.support = 1
+    assert intro.sample_interval() == max(runtime.SAMPLE_MIN_S, 4 * MS / 3e9)
     watch = intro._watches[key]
     assert watch.reads <= 2 * (len(skips) + 1) + 2        # one full scan, then one read each
     # A relative sleep (is_rel 1) says nothing of the period: skipped.
