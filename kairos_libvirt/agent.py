@@ -74,7 +74,6 @@ class Agent:
         self.refused: Dict[int, object] = {}
         #: What the loop sleeps on: QEMU's exit, the introspection threads, kairosvm hold.
         self.wake: Optional[wake.Wakeup] = None
-        self.wakeups = 0
 
     def request_stop(self) -> None:
         """Stop the loop (signal handlers, tests)."""
@@ -137,8 +136,7 @@ class Agent:
             # TASKS_PUBLISH_S while the guest churns).
             shown = (self.intro.status.state, self.intro.model.structure) \
                 if self.intro is not None else None
-            news = shown != published and (shown is None or published is None
-                                           or shown[0] != published[0]
+            news = shown != published and (published is None or shown[0] != published[0]
                                            or now - last_step >= TASKS_PUBLISH_S)
             if regranted is not None or recheck or news:
                 if regranted is None and recheck:
@@ -148,11 +146,10 @@ class Agent:
                         return
                     self.grants = dict(entry.granted)
                     self.refused.clear()   # capacity may have freed: try refused servers again
-                else:
-                    entry = regranted
                 if recheck:
                     last_check = now
-                self.step(pid, dict(entry.granted) if entry is not None else dict(self.grants))
+                # self.grants: what the ledger holds (re-read above, or written by _adapt)
+                self.step(pid, dict(self.grants))
                 published, last_step = shown, now
             timeout = RECHECK_S - (time.monotonic() - last_check)
             due = self.intro.next_due() if self.intro is not None else None
@@ -163,7 +160,6 @@ class Agent:
             if not self.wake.watches_exit:
                 timeout = min(timeout, 0.5)    # no pidfd: QEMU's exit is probed
             events = self.wake.wait(timeout)
-            self.wakeups += 1
             if "exit" in events:
                 log.info("QEMU %s of %s is gone; exiting", pid, self.name)
                 return

@@ -27,7 +27,7 @@ Never worse than declared (issue 11):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence
 
@@ -110,7 +110,6 @@ class Adapter:
         self.analysed = 0
 
     def adapt(self, model: TaskModel) -> Dict[int, Adapted]:
-        from dataclasses import replace
         tasks = demand_tasks(model, self.vids)
         if any(t.vcpu is None for t in tasks):
             self._memo.clear()

@@ -260,11 +260,9 @@ class StopBudget:
         A stop still open counts (the agent may publish while the guest stands
         stopped for the attach): what the guest has lost so far, not what is closed.
         """
-        open_ns, open_attach = 0, 0
-        if self._open is not None:
-            open_ns = max(0, self.clock() - self._open[0])
-            open_attach = int(self._open[1] == "attach")
-        return {"stopped_ns": self.total_ns + open_ns, "stops": self.stops + (self._open is not None),
+        open_attach = int(self.stopped and self._open[1] == "attach")
+        return {"stopped_ns": self.total_ns + max(0, self.stopped_for()),
+                "stops": self.stops + self.stopped,
                 "longest_stop_ns": self.longest_ns, "peak_window_ns": self.peak_window_ns,
                 "long_stops": self.long_stops, "attach_stops": self.attaches + open_attach,
                 "attach_longest_ns": self.attach_longest_ns, "budget_waits": self.waits,

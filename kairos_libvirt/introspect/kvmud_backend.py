@@ -37,6 +37,7 @@ import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import KairosError
+from ..host import proc
 from . import kvmud
 from .gdbstub import Counters
 from .kvmud import Fetch, KvmUdError, KvmUdEvent, Trap
@@ -206,7 +207,7 @@ class KvmUdBackend:
     def close(self) -> None:
         """Disarm every site (NOP back), drop the table, release the ring and the fd."""
         ud, self.ud = self.ud, None
-        if ud is not None and not os.path.exists(f"/proc/{self.qemu_pid}"):
+        if ud is not None and not proc.pid_alive(self.qemu_pid):
             # QEMU is gone: no vCPU thread runs to take the ops (each would wait
             # OP_TIMEOUT_MS), and the VM's teardown restores the NOPs.
             self.armed = set()

@@ -116,14 +116,11 @@ class Introspector:
                  declared: Mapping[int, VcpuSched], ceilings: Mapping[int, Fraction],
                  overhead_ns: int = _adapt.DEFAULT_OVERHEAD_NS, enforcement_ns: int = 0) -> None:
         self.backend = backend
-        #: The host's enforcement granularity: servers are sized for it (analysis.enforcement).
-        self.enforcement_ns = enforcement_ns
         self.load_symbols = load_symbols
         self.declared = dict(declared)
-        self.ceilings = dict(ceilings)
-        self.overhead_ns = overhead_ns
-        #: The analysis, re-run per vCPU only where the vCPU's tasks changed.
-        self._adapter = _adapt.Adapter(self.declared, self.ceilings, overhead_ns, enforcement_ns)
+        #: The analysis, re-run per vCPU only where the vCPU's tasks changed; servers are
+        #: sized for the host's enforcement granularity (analysis.enforcement).
+        self._adapter = _adapt.Adapter(self.declared, ceilings, overhead_ns, enforcement_ns)
         self.model = TaskModel()
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
@@ -793,9 +790,14 @@ class Introspector:
         """
         now = time.monotonic() if now is None else now
         with self.lock:
-            if not self._dirty:
-                return None
-            return max(0.0, self._analysed_at + COALESCE_S - now, self._analyses.wait_s(now))
+            return self._due_in(now)
+
+    def _due_in(self, now: float) -> Optional[float]:
+        """The coalescing rule (caller holds self.lock): seconds until the pending change may
+        be analysed, None when none is pending."""
+        if not self._dirty:
+            return None
+        return max(0.0, self._analysed_at + COALESCE_S - now, self._analyses.wait_s(now))
 
     def adapted(self) -> Dict[int, _adapt.Adapted]:
         """Current per-vCPU reservations, re-analysed when the model changed (coalesced).
@@ -806,8 +808,7 @@ class Introspector:
         """
         now = time.monotonic()
         with self.lock:
-            due = (self._dirty and now >= self._analysed_at + COALESCE_S
-                   and self._analyses.wait_s(now) == 0.0)
+            due = self._due_in(now) == 0.0
             if self._analysed_version == -1 or (due and self.model.version !=
                                                 self._analysed_version):
                 self._analyses.take(now)
