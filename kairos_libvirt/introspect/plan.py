@@ -81,6 +81,10 @@ class GuestEvent:
     sched: Optional[SchedRequest] = None
     sleep: Optional[SleepRequest] = None
     stopped_ns: Optional[int] = None  # from the Hit
+    #: Sleep targets read from memory (not trapped): host ns between the last read
+    #: that saw the previous target pending and this one.  A gap is one step of the
+    #: task only if no target hid between those reads (see tasks.py).
+    spacing_ns: Optional[int] = None
 
 
 def task_key_from_rsp(rsp: int) -> str:

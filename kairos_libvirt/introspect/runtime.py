@@ -79,13 +79,15 @@ CENSUS_IDLE_S = 5.0
 #: (introspect/sleepers.py): the periods then need no trap at all.  Successive
 #: targets are whole periods apart whatever this interval (tasks.py, "abstime").
 #: Each is read faster than its period, at jittered times (sleepers.SleeperWatch
-#: says why): a third of the shortest believed period, at most SAMPLE_S, at least
-#: SAMPLE_MIN_S, and SAMPLE_MIN_S while a task that sleeps has no period yet.
+#: says why): a quarter of the shortest believed period (jittered, the reads stay
+#: under half a period apart: their gaps are samples, tasks.py), at most SAMPLE_S,
+#: at least SAMPLE_MIN_S, and SAMPLE_MIN_S while a task that sleeps has no period yet.
 SAMPLE_S = 0.02
 SAMPLE_MIN_S = 0.002
 #: Once every FIFO/RR task's period is confirmed (TaskModel.stable), the sampler
-#: reads only this often (jittered: any absolute target is whole periods from the
-#: last, the GCD needs no particular spacing).  Sampling at T/3 for ever cost the
+#: reads only this often (jittered).  Its gaps are spans (reads more than half a
+#: period apart may skip targets, tasks.py): they can only refine the period or
+#: raise a doubt, which brings the fast rate back.  Sampling fast for ever cost the
 #: host CPU and QEMU's mm lock (bench/rtquality d, loads 4 and 1+rt).
 SAMPLE_STABLE_S = 0.25
 SLEEP_KINDS = ("clock_nanosleep", "nanosleep")
@@ -146,6 +148,7 @@ class Introspector:
         self._wakeup_fn = 0
         self._addrs: Dict[str, int] = {}          # task key -> task_struct address
         self._last_target: Dict[str, int] = {}
+        self._target_seen_at: Dict[str, int] = {}  # host ns of the last read that saw it pending
         self._watches: Dict[str, object] = {}     # task key -> sleepers.SleeperWatch
         self._walker = None
         self._phys_read: Optional[Callable[[int, int], bytes]] = None
@@ -654,7 +657,7 @@ class Introspector:
                 return SAMPLE_STABLE_S
         if not periods:
             return SAMPLE_S
-        return max(SAMPLE_MIN_S, min(SAMPLE_S, min(periods) / 3e9))
+        return max(SAMPLE_MIN_S, min(SAMPLE_S, min(periods) / 4e9))
 
     def sample_once(self) -> int:
         """Read where each known FIFO/RR task sleeps until; feed each new absolute target.
@@ -679,6 +682,7 @@ class Introspector:
             del self._watches[k]
         for k in [k for k in self._last_target if k not in live]:
             del self._last_target[k]          # a task gone: its last target says nothing more
+            self._target_seen_at.pop(k, None)
         fed = 0
         for key, vcpu, tid, comm, addr in todo:
             if addr is None or key.startswith("pid:"):
@@ -688,12 +692,18 @@ class Introspector:
                 watch = self._watches[key] = SleeperWatch(
                     self._phys_read, self._walker, int(key, 16) + PT_REGS_SIZE, addr, self._wakeup_fn)
             got = watch.target()  # type: ignore[attr-defined]
-            if got is None or not got[1] or self._last_target.get(key) == got[0]:
+            if got is None or not got[1]:
+                continue
+            now = time.monotonic_ns()
+            seen_at = self._target_seen_at.get(key)
+            self._target_seen_at[key] = now
+            if self._last_target.get(key) == got[0]:
                 continue
             self._last_target[key] = got[0]
             target = got[0]
-            ev = GuestEvent("sleep", key, vcpu, time.monotonic_ns(), tid=tid, comm=comm,
-                            sleep=SleepRequest(1, True, Timespec(target // 10**9, target % 10**9)))
+            ev = GuestEvent("sleep", key, vcpu, now, tid=tid, comm=comm,
+                            sleep=SleepRequest(1, True, Timespec(target // 10**9, target % 10**9)),
+                            spacing_ns=None if seen_at is None else now - seen_at)
             with self.lock:
                 if self.model.apply(ev):
                     self._changed()

@@ -21,6 +21,14 @@ periods up to 1.5 s):
   more than a trap's own cost) or a pause of the sleep traps (sampling, rate
   limit) is not a sample.  An absolute one is kept as a *span*: a whole number
   of periods that may only refine the period to a divisor, never widen it.
+* Targets read from memory (the sampler, not a trap) can skip some: a target
+  C between the seen A and B must have been set after the last read that saw
+  A pending and have expired before the read that saw B, so C - A < s, the
+  spacing of those reads, and the true period is below s.  A gap of at most
+  2·s is therefore a span (with s under half the gap, a hidden target needs
+  three periods unseen between two reads closer than one).  A span that does
+  not fit the believed period makes the model unstable again, so the sampler
+  reads fast enough to confirm the change.
 * A period that differs from the one believed needs ``PERIOD_CONFIRM``
   consistent samples before it is believed: single gaps never move the server.
 """
@@ -514,9 +522,14 @@ class TaskModel:
             target = sleep.time.ns
             if t.last_target_ns is not None:
                 gap = target - t.last_target_ns
+                if ev.spacing_ns is not None and 2 * ev.spacing_ns >= gap:
+                    not_a_sample = True   # the reads may have skipped targets: a span
                 if not_a_sample:
                     if 0 < gap < MAX_SPAN_NS:
                         t.periods.add_span(gap)
+                        p = t.periods.believed
+                        if p is not None and not _fits(gap, p, t.periods.tolerance_permille):
+                            t.fresh_needed = max(t.fresh_needed, PERIOD_CONFIRM)
                 elif 0 < gap < MAX_GAP_NS:
                     t.periods.add(gap, "abstime")
                     t.fresh_needed = max(0, t.fresh_needed - 1)

@@ -134,10 +134,34 @@ class Domains:
             virsh("undefine", name)
 
 
+def _tail(path: str, lines: int) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except FileNotFoundError:
+        return "(none)\n"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed e2e test shows its domains' agent logs and consoles (CI keeps nothing else)."""
+    outcome = yield
+    rep = outcome.get_result()
+    d = getattr(item, "_kairos_domains", None)
+    if rep.when == "call" and rep.failed and d is not None:
+        cfg = config.load()
+        for name in d.names:
+            rep.sections.append((f"agent log of {name} (last 40 lines)",
+                                 _tail(os.path.join(cfg.log_dir, f"{name}.log"), 40)))
+            rep.sections.append((f"console of {name} (last 15 lines)",
+                                 _tail(os.path.join(CONSOLE_DIR, f"{name}.console"), 15)))
+
+
 @pytest.fixture
 def domains(libvirt_env, request) -> Iterator[Domains]:
     before = machine_rt_runtime()
     d = Domains(request.node.name)
+    request.node._kairos_domains = d
     try:
         yield d
     finally:

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from kairos_libvirt.host.guestmem import GuestMemError
 from kairos_libvirt.introspect.plan import PT_REGS_SIZE, THREAD_SIZE, task_key_from_rsp
 from kairos_libvirt.introspect.sleepers import (
-    SLEEPER_SIZE, STACK_END_MAGIC, PageWalker, discover_stack_offset, sleep_expiry, task_stack_top,
+    SLEEPER_SIZE, STACK_END_MAGIC, PageWalker, SleeperWatch, discover_stack_offset, sleep_expiry,
+    task_stack_top,
 )
 from kairos_libvirt.introspect.symbols import (
     LINK_TEXT, GuestSymbols, KernelPlacement, SymbolError,
@@ -342,6 +343,29 @@ def test_a_sleeper_that_changes_between_reads_is_not_believed():
     assert sleep_expiry(racing, top, TASK, WAKEUP) is None
     assert calls == [THREAD_SIZE, SLEEPER_SIZE]
     assert sleep_expiry(read, top, TASK, WAKEUP) == 16 * MS
+
+
+def test_the_watch_follows_a_sleeper_that_moves_with_each_syscall():
+    """CONFIG_RANDOMIZE_KSTACK_OFFSET (Debian) moves every syscall's frame: each new sleep
+    lies elsewhere on the stack, and the watch must find it at its next read (a watch
+    that waited 64 misses saw one target in three of a 50 ms task)."""
+    k = Kernel()
+    base = k.stack(0)
+    top = base + THREAD_SIZE
+    w = k.walker()
+    watch = SleeperWatch(k.ram.read, w, top, TASK, WAKEUP)
+    at = LIVE_AT
+    k.vwrite(base + at, sleeper(50 * MS, 50 * MS, TASK))
+    assert watch.target() == (50 * MS, True)
+    assert watch.target() == (50 * MS, True) and watch.scans == 1     # the fast path
+    for i in range(2, 6):
+        k.vwrite(base + at, sleeper(50 * MS, 50 * MS, 0, state=0))    # woke: INACTIVE
+        at -= 0x40 * i                                                # the next frame moved
+        k.vwrite(base + at, sleeper(i * 50 * MS, i * 50 * MS, TASK))
+        assert watch.target() == (i * 50 * MS, True)
+    assert watch.scans == 5
+    k.vwrite(base + at, sleeper(5 * 50 * MS, 5 * 50 * MS, 0, state=0))
+    assert watch.target() is None                                     # awake
 
 
 def test_an_unreadable_stack_is_a_symbol_error_and_a_misaligned_top_none():

@@ -155,6 +155,54 @@ def test_jittery_gaps_spread_too_wide_give_no_period():
     assert m.tasks["a"].observed_period_ns is None
 
 
+def sampled(key, ns, spacing, t=0):
+    """A target read from memory by the sampler, ``spacing`` ns after the read that last saw
+    the previous target pending."""
+    return GuestEvent("sleep", key, 0, t, spacing_ns=spacing,
+                      sleep=SleepRequest(1, True, Timespec(ns // 10**9, ns % 10**9)))
+
+
+def test_sampled_targets_read_too_rarely_are_spans_not_a_threefold_period():
+    """Measured (e2e test_delivered_supply, CI): a 50 ms cyclictest read every ~145 ms
+    showed every third target; the GCD made its period 150 ms.  Reads more than half a
+    gap apart may skip targets: those gaps are spans and teach no period."""
+    m = TaskModel()
+    fifo(m)
+    for i in range(12):
+        m.apply(sampled("a", 10**9 + i * 150 * MS, None if i == 0 else 145 * MS, t=i))
+    t = m.tasks["a"]
+    assert t.observed_period_ns is None and t.periods.count == 0
+    assert t.periods.rejected == 11 and set(t.periods.spans) == {150 * MS}
+    # Read every ~2 ms, the same task gives consecutive targets: 50 ms.
+    last = 11 * 150 * MS
+    for i in range(1, PERIOD_CONFIRM + 1):
+        m.apply(sampled("a", 10**9 + last + i * 50 * MS, 2 * MS, t=20 + i))
+    assert t.observed_period_ns == 50 * MS and t.periods.source == "abstime"
+
+
+def test_a_slow_readers_span_that_breaks_the_period_brings_the_fast_reads_back():
+    """Once stable the sampler reads every ~250 ms: its gaps are spans.  One that is no
+    multiple of the believed period makes the model unstable (the sampler speeds up),
+    and only PERIOD_CONFIRM fresh samples move the period."""
+    m = TaskModel()
+    fifo(m)
+    for i in range(20):
+        m.apply(sampled("a", 10**9 + i * 50 * MS, None if i == 0 else 3 * MS, t=i))
+    t = m.tasks["a"]
+    assert t.observed_period_ns == 50 * MS and m.stable()
+    last = 19 * 50 * MS
+    last += 300 * MS                                   # a slow read, whole periods: fine
+    assert not m.apply(sampled("a", 10**9 + last, 260 * MS, t=30))
+    assert m.stable() and t.periods.spans[-1] == 300 * MS
+    last += 280 * MS                                   # the task now runs every 70 ms
+    assert not m.apply(sampled("a", 10**9 + last, 240 * MS, t=31))
+    assert not m.stable() and t.observed_period_ns == 50 * MS
+    for i in range(PERIOD_CONFIRM):
+        last += 70 * MS
+        m.apply(sampled("a", 10**9 + last, 10 * MS, t=40 + i))
+    assert t.observed_period_ns == 70 * MS
+
+
 def test_structure_counts_guest_changes_not_beliefs():
     m = TaskModel()
     fifo(m)
