@@ -31,7 +31,7 @@ from typing import Callable, Dict, Optional, Set
 
 from ..errors import KairosError
 from .budget import Bucket, StopBudget
-from .control import ControlQueue
+from .control import IDLE_CHECK_S, ControlQueue
 from .plan import Hit, ResolvedPlan
 from .rsp.client import RspClient
 from .rsp.errors import RspError, RspTimeout
@@ -184,6 +184,10 @@ class GdbstubBackend:
         """Run ``op`` in the backend thread while the VM is stopped."""
         self.control.put(op)
 
+    def wake(self) -> None:
+        """Wake the loop with no work (the agent stops: it checks ``stop``)."""
+        self.control.wake()
+
     # -- the loop ----------------------------------------------------------
     def run(self, on_hit: Callable[[Hit, Callable[[int, int], bytes]], None],
             stop: threading.Event) -> None:
@@ -194,9 +198,13 @@ class GdbstubBackend:
         self._resume(c)          # ends the attach stop
         while not stop.is_set():
             try:
-                reply = c.wait_stop(timeout=0.2)
+                # Sleeps on the socket (a hit) and the control pipe (a request, the
+                # agent's stop) until timed work is due: idle, no wake-ups at all.
+                reply = c.wait_stop(timeout=self._idle_wait_s(), wake=self.control.fileno())
             except RspTimeout:
-                self._idle(c)
+                self.control.clear()
+                if not stop.is_set():
+                    self._idle(c)
                 continue
             t0 = self.budget.begin("trap")
             if not reply.stopped:
@@ -236,6 +244,18 @@ class GdbstubBackend:
             self.armed.discard(a)
             self.budget_off.add(a)
         log.debug("stop budget spent: %d site(s) wait", len(self.budget_off))
+
+    def _idle_wait_s(self) -> float:
+        """Seconds the VM may run before :meth:`_idle` has timed work: a cooling site
+        due, or the budget back for queued requests or for the sites it took off."""
+        now = time.monotonic()
+        waits = [IDLE_CHECK_S] + [t - now for t in self.cooling.values() if t > now]
+        if self.budget_off:
+            waits.append(self.budget.wait_left_ns(n=2) / 1e9)
+        if not self.control.empty() or any(t <= now for t in self.cooling.values()):
+            waits.append(self.budget.wait_left_ns(n=1) / 1e9)
+        # (a floor: a budget that says "now" but refuses, cannot spin the loop)
+        return max(0.005, min(waits))
 
     def _idle(self, c: RspClient) -> None:
         """VM running, no hit: stop it only for due work, and only within the budget.

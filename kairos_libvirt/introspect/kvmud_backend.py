@@ -41,7 +41,7 @@ from ..host import proc
 from . import kvmud
 from .gdbstub import Counters
 from .kvmud import Fetch, KvmUdError, KvmUdEvent, Trap
-from .control import ControlQueue
+from .control import IDLE_CHECK_S, ControlQueue
 from .plan import PT_REGS_SIZE, Hit, ResolvedPlan, TrapSite
 
 log = logging.getLogger("kairosvm-agent.kvmud")
@@ -159,7 +159,6 @@ class KvmUdBackend:
         self.fetch: Dict[int, Tuple[Fetch, ...]] = {}
         self.armed: set = set()
         self.control = ControlQueue()
-        self._wake_r = self._wake_w = -1
         self._base = (0, 0)                     # kernel (rate_dropped, overflow) at open
         self.stale_at_open = 0
         self._lost = 0                          # events skipped over a torn ring
@@ -180,7 +179,6 @@ class KvmUdBackend:
     def open(self) -> "kvmud.KvmUd":
         """Get QEMU's VM fd and our ring; the VM keeps running."""
         self.ud = self._attach(self.qemu_pid)
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # events left by an agent that ran before us describe a past we did not model
         self.stale_at_open = self._skip_pending()
         c = self.ud.counters()
@@ -228,10 +226,6 @@ class KvmUdBackend:
                     log.warning("kvm-ud: clearing the trap table: %s", exc)
             ud.close()
         self.table, self.fetch, self.armed = [], {}, set()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
 
     # -- arming ----------------------------------------------------------
     def _ensure_table(self, addr: int) -> int:
@@ -272,11 +266,10 @@ class KvmUdBackend:
     def request(self, op: Callable[[], None]) -> None:
         """Run ``op`` in the backend thread (the loop wakes at once)."""
         self.control.put(op)
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass
+
+    def wake(self) -> None:
+        """Wake the loop with no work (the agent stops: it checks ``stop``)."""
+        self.control.wake()
 
     # -- the loop ----------------------------------------------------------
     def run(self, on_hit: Callable[[Hit, Callable[[int, int], bytes]], None],
@@ -286,15 +279,12 @@ class KvmUdBackend:
         efd = self.ud.efd
         while not stop.is_set():
             self.control.run_pending()
-            r, _, _ = select.select([efd, self._wake_r], [], [], 0.2)
+            # No timeout: a trap (eventfd), a request or the agent's stop (the pipe)
+            # wakes it; idle it costs nothing.  IDLE_CHECK_S only bounds a lost wake-up.
+            r, _, _ = select.select([efd, self.control.fileno()], [], [], IDLE_CHECK_S)
             if efd in r:
                 try:
                     os.eventfd_read(efd)
-                except BlockingIOError:
-                    pass
-            if self._wake_r in r:
-                try:
-                    os.read(self._wake_r, 4096)
                 except BlockingIOError:
                     pass
             self.drain(on_hit)

@@ -195,6 +195,9 @@ class Introspector:
 
     def stop(self) -> None:
         self.stop_event.set()
+        wake = getattr(self.backend, "wake", None)
+        if wake is not None:
+            wake()           # its loop sleeps on its events, with no timeout to notice
         if self.thread is not None:
             self.thread.join(timeout=10)
 

@@ -352,7 +352,7 @@ class FakeClient:
         self.conts += 1
         self.state.name = "RUNNING"
 
-    def wait_stop(self, timeout=None):
+    def wait_stop(self, timeout=None, wake=None):
         if not self.rips:
             time.sleep(0.01)
             raise gdbstub.RspTimeout(b"wait", timeout or 0)
@@ -424,6 +424,24 @@ def test_backend_rate_limit_disarms_then_rearms(tmp_path):
     be.run(lambda h, r: None, stop)
     assert be.counters.suppressed >= 1
     assert 0x1000 in c.breakpoints  # re-armed after the cool-down
+
+
+def test_the_idle_loop_sleeps_until_timed_work_is_due(tmp_path, monkeypatch):
+    """No poll: the wait is the safety bound when nothing is timed, else until the
+    first cooling site is due; a request wakes it (the control pipe)."""
+    be = make_backend(FakeClient([]), tmp_path)
+    assert be._idle_wait_s() == gdbstub.IDLE_CHECK_S
+    monkeypatch.setattr(gdbstub.time, "monotonic", lambda: 100.0)
+    be.cooling[0x1000] = 101.5
+    assert be._idle_wait_s() == pytest.approx(1.5)
+    be.cooling[0x1000] = 99.0                  # overdue: the floor, not a negative wait
+    assert be._idle_wait_s() == 0.005
+    import select
+    assert not select.select([be.control.fileno()], [], [], 0)[0]
+    be.request(lambda: None)
+    assert select.select([be.control.fileno()], [], [], 0)[0]
+    be.control.run_pending()
+    assert not select.select([be.control.fileno()], [], [], 0)[0]
 
 
 def test_backend_disarm_cancels_a_cooling_rearm(tmp_path):

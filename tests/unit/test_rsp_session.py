@@ -1,6 +1,7 @@
 """Session tests against a fake transport replaying scripted gdbstub conversations."""
 from __future__ import annotations
 
+import os
 import socket
 from collections import deque
 from typing import List, Optional, Tuple
@@ -58,7 +59,7 @@ class FakeTransport:
             else:
                 self.script[0] = ("send", want[n:])
 
-    def recv(self, timeout: Optional[float]) -> bytes:
+    def recv(self, timeout: Optional[float], wake: Optional[int] = None) -> bytes:
         assert not self.closed, "recv after close"
         assert self.script and self.script[0][0] != "send", \
             f"client reads but the script expects it to send {self.script[0] if self.script else 'nothing'}"
@@ -470,6 +471,26 @@ def test_socket_transport_roundtrip_timeout_and_eof() -> None:
         t.send(b"+")
     with pytest.raises(RspConnectionError, match="is closed"):
         t.recv(0)
+
+
+def test_socket_transport_wake_fd_ends_the_wait_but_data_comes_first() -> None:
+    """The gdbstub loop sleeps on the socket and its control pipe: a readable pipe
+    ends the wait as a timeout; bytes from the peer are never hidden behind it."""
+    a, b = socket.socketpair()
+    t = SocketTransport(a, "pair")
+    r, w = os.pipe()
+    try:
+        with pytest.raises(TimeoutError):
+            t.recv(0.01, wake=r)               # neither: the timeout
+        os.write(w, b"x")
+        with pytest.raises(TimeoutError, match="woken"):
+            t.recv(None, wake=r)               # no timeout at all: the pipe ends it
+        b.sendall(b"$S05#b8")
+        assert t.recv(None, wake=r) == b"$S05#b8"  # both ready: the data
+    finally:
+        os.close(r), os.close(w)
+        t.close()
+        b.close()
 
 
 def test_socket_transport_read_error() -> None:

@@ -183,13 +183,13 @@ class TimedClient(FakeClient):
         super().__init__(rips)
         self.clock, self.gap, self.cost = clock, gap, cost
 
-    def wait_stop(self, timeout=None):
+    def wait_stop(self, timeout=None, wake=None):
         if self.rips and self.rip is not None and self.rip not in self.breakpoints \
                 and self.rips[0] not in self.breakpoints:
             self.rips.clear()            # the site is off: the guest runs past it
         if self.rips:
             self.clock.t += self.gap
-        return super().wait_stop(timeout)
+        return super().wait_stop(timeout, wake)
 
     def set_register(self, name, value):
         self.clock.t += self.cost

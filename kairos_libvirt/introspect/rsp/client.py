@@ -319,9 +319,10 @@ class RspClient:
         self.session.resume(b"vCont;c" if "c" in self.vcont_actions else b"c")
 
     @require(Runstate.RUNNING)
-    def wait_stop(self, timeout: Optional[float] = None) -> StopReply:
-        """Block until the target stops; :class:`RspTimeout` leaves it running."""
-        return self.session.wait_stop(timeout)
+    def wait_stop(self, timeout: Optional[float] = None, wake: Optional[int] = None) -> StopReply:
+        """Block until the target stops; :class:`RspTimeout` (also when ``wake`` is
+        readable first) leaves it running."""
+        return self.session.wait_stop(timeout, wake)
 
     @require(Runstate.RUNNING)
     def interrupt(self, timeout: Optional[float] = None) -> StopReply:

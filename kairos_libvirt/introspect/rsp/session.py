@@ -127,14 +127,15 @@ class Session:
         log.debug("rsp -> %s", _show(payload))
         self._write(frame)
 
-    def _next_event(self, deadline: Optional[float], waiting_for: str, timeout: Optional[float]) -> Event:
+    def _next_event(self, deadline: Optional[float], waiting_for: str, timeout: Optional[float],
+                    wake: Optional[int] = None) -> Event:
         while not self._events:
             assert self.transport is not None, "a closed session is DISCONNECTED"
             remaining = None if deadline is None else deadline - self._clock()
             if remaining is not None and remaining <= 0:
                 raise RspTimeout(waiting_for, timeout or 0.0)
             try:
-                data = self.transport.recv(remaining)
+                data = self.transport.recv(remaining, wake)
             except TimeoutError:
                 raise RspTimeout(waiting_for, timeout or 0.0) from None
             except RspConnectionError:
@@ -344,18 +345,19 @@ class Session:
         self._write(b"\x03")
 
     @require(Runstate.RUNNING)
-    def wait_stop(self, timeout: Optional[float] = None) -> StopReply:
+    def wait_stop(self, timeout: Optional[float] = None, wake: Optional[int] = None) -> StopReply:
         """Wait for the stop reply to the last resume ("Stop Reply Packets").
 
         ``timeout=None`` uses the session timeout; on :class:`RspTimeout` the
         target keeps running and the session stays usable (call
-        :meth:`interrupt`).  ``W``/``X`` close the session.
+        :meth:`interrupt`).  A readable ``wake`` fd ends the wait the same way
+        (the caller's own work is due).  ``W``/``X`` close the session.
         """
         timeout = self.timeout if timeout is None else timeout
         deadline = self._clock() + timeout
         waiting_for = f"stop reply after {_show(self._resumed_with)}"
         while True:
-            pkt = self._link(self._next_event(deadline, waiting_for, timeout))
+            pkt = self._link(self._next_event(deadline, waiting_for, timeout, wake))
             if pkt is None:
                 continue
             payload = pkt.payload

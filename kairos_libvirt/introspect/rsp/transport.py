@@ -21,13 +21,14 @@ class Transport(Protocol):
 
     ``recv`` returns at least one byte, ``b""`` when the peer closed the
     stream, and raises :class:`TimeoutError` when nothing arrived within
-    ``timeout`` seconds (``None``: wait forever).  Failures are
-    :class:`RspConnectionError`.
+    ``timeout`` seconds (``None``: wait forever), or when the file
+    descriptor ``wake`` became readable first (the caller's own event: it
+    drains it).  Failures are :class:`RspConnectionError`.
     """
 
     def send(self, data: bytes) -> None: ...
 
-    def recv(self, timeout: Optional[float]) -> bytes: ...
+    def recv(self, timeout: Optional[float], wake: Optional[int] = None) -> bytes: ...
 
     def close(self) -> None: ...
 
@@ -81,10 +82,19 @@ class SocketTransport:
         except OSError as exc:
             raise RspConnectionError(f"cannot send to the gdbstub at {self.peer}", exc) from exc
 
-    def recv(self, timeout: Optional[float]) -> bytes:
+    def recv(self, timeout: Optional[float], wake: Optional[int] = None) -> bytes:
         sock = self._socket()
         ms = None if timeout is None else max(0, int(timeout * 1000))
-        if not self._poll.poll(ms):
+        if wake is None:
+            ready = self._poll.poll(ms)
+        else:
+            p = select.poll()
+            p.register(sock, select.POLLIN)
+            p.register(wake, select.POLLIN)
+            ready = p.poll(ms)
+            if ready and all(fd == wake for fd, _ in ready):
+                raise TimeoutError(f"woken while waiting for {self.peer}")
+        if not ready:
             raise TimeoutError(f"nothing from {self.peer} in {timeout} s")
         try:
             return sock.recv(_RECV_SIZE)
