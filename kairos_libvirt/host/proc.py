@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 LIBVIRT_QEMU_RUN = "/run/libvirt/qemu"
 _VCPU_COMM = re.compile(r"^CPU (\d+)/(KVM|TCG|HVF|WHPX)$")
@@ -27,12 +27,52 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     # A zombie is not alive for our purposes.
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+def _stat_fields(pid: int, tid: Optional[int] = None) -> Optional[List[str]]:
+    """The fields of ``/proc/PID[/task/TID]/stat`` after comm, from the state on (index 0).
+
+    comm (field 2) may hold spaces and parentheses: the fields start after its last ')'.
+    None if the process or thread is gone (or the line has no comm)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        return False
+        with open(path) as f:
+            line = f.read()
+    except OSError:
+        return None
+    _, paren, rest = line.rpartition(")")
+    return rest.split() if paren else None
+
+
+def cpu_seconds(pid: int, tid: Optional[int] = None) -> Optional[float]:
+    """utime + stime of a process (all its threads) or of its thread ``tid``, in seconds.
+
+    One reader for what the benches and the e2e tests measure from outside (the agent's,
+    QEMU's vCPUs', the host hogs' CPU use).  None if the process or thread is gone; a
+    zombie still has its final figure."""
+    fields = _stat_fields(pid, tid)
+    if fields is None:
+        return None
+    # utime and stime are fields 14 and 15 of stat(5), in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> Optional[int]:
+    """Resident set size of a process in KiB (VmRSS of ``/proc/PID/status``).
+
+    One reader for the benches' and e2e tests' memory figures of the agent and its
+    supervisor.  None if the process is gone or has no VmRSS line (a zombie, which has
+    no memory left, or a kernel thread)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def comm(pid: int, tid: Optional[int] = None) -> Optional[str]:
