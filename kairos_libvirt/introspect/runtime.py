@@ -24,6 +24,7 @@ from fractions import Fraction
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import KairosError
+from ..host import proc
 from ..model import VcpuSched
 from . import adapt as _adapt
 from .budget import Bucket
@@ -202,6 +203,7 @@ class Introspector:
             self.thread.join(timeout=10)
 
     def _main(self) -> None:
+        proc.name_this_thread("kairos-intro")
         # The agent starts while the guest is still in its firmware or early
         # boot: until the kernel is up there is nothing to attach to.  Wait,
         # reading physical memory where the host allows it (no VM stop), else
@@ -554,6 +556,7 @@ class Introspector:
         return CENSUS_S if busy else CENSUS_IDLE_S
 
     def _census_loop(self) -> None:
+        proc.name_this_thread("kairos-census")
         while not self.stop_event.wait(self._census_interval()):
             try:
                 self.census_once()
@@ -632,6 +635,7 @@ class Introspector:
     # -- the sleep sampler (its own thread, VM running) --------------------------
     def _sample_loop(self) -> None:
         import random
+        proc.name_this_thread("kairos-sampler")
         while not self.stop_event.is_set():
             interval = self.sample_interval()
             if interval is None:

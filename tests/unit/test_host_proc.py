@@ -104,3 +104,16 @@ def test_a_zombie_keeps_its_cpu_figure_but_has_no_rss():
         child.wait()
     assert proc.cpu_seconds(child.pid) is None and proc.rss_kib(child.pid) is None
     assert proc.pid_alive(os.getpid())
+
+
+def test_a_thread_named_for_proc_shows_its_name_in_comm():
+    got = {}
+
+    def body():
+        proc.name_this_thread("kairos-census-and-more")       # cut at 15 bytes, as the kernel keeps
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            got["comm"] = f.read().strip()
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    assert got["comm"] == "kairos-census-a"
