@@ -206,14 +206,22 @@ class SleeperWatch:
     once: with ``CONFIG_RANDOMIZE_KSTACK_OFFSET`` (on in Debian's kernels) every
     syscall moves the frame, so each new sleep lies elsewhere.  (A fast path
     that waited 64 misses before rescanning saw one target in three of a 50 ms
-    task, every ~150 ms, and the model learnt a 150 ms period.)
+    task, every ~150 ms, and the model learnt a 150 ms period.)  A scan that
+    finds no sleep (the task runs, or sleeps some other way) is not repeated at
+    once: the next ones wait 1, 2, 4 … up to ``MAX_BACKOFF`` calls, so a busy
+    real-time task costs a scan every ``MAX_BACKOFF`` reads, not every read (a
+    guest's FIFO hammer made the sampler 7 % of a CPU).
     """
+
+    MAX_BACKOFF = 32
 
     def __init__(self, phys_read: Reader, walker: "PageWalker", stack_top: int, task: int,
                  wakeup_fn: int) -> None:
         self.phys_read, self.walker = phys_read, walker
         self.stack_top, self.task, self.wakeup_fn = stack_top, task, wakeup_fn
         self._at: Optional[int] = None        # guest-physical address of the live sleeper
+        self._backoff = 0                     # calls to skip after a scan that found nothing
+        self._skip = 0
         self.reads = 0
         self.scans = 0
 
@@ -224,12 +232,18 @@ class SleeperWatch:
             raw = read_exact(self.phys_read, self._at, SLEEPER_SIZE, "an hrtimer_sleeper")
             if _live(raw, self.task) and _u64(raw, _FUNCTION) == self.wakeup_fn & _MASK64:
                 return struct.unpack_from("<q", raw, _SOFT)[0], raw[_STATE + 1] == 0
+            self._at = None                    # woke: its next sleep is elsewhere, scan now
+        elif self._skip:
+            self._skip -= 1
+            return None
         self.reads += 1
         self.scans += 1
         found = _find_sleeper(self.walker.reader(), self.stack_top, self.task, self.wakeup_fn)
         if found is None:
-            self._at = None
+            self._backoff = min(self.MAX_BACKOFF, max(1, 2 * self._backoff))
+            self._skip = self._backoff
             return None
+        self._backoff = self._skip = 0
         va, raw = found
         gpa, span = self.walker.translate(va)
         self._at = gpa if span >= SLEEPER_SIZE else None   # across a page: no fast path

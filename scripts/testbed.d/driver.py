@@ -281,7 +281,7 @@ def main() -> int:
         c4 = ud.counters()
         t1 = now()
         go()
-        step("toggle")
+        step("trace")
         dt = now() - t1
         c5 = ud.counters()
         evs = ud.read_events()
@@ -293,6 +293,26 @@ def main() -> int:
         m = re.search(r"getpid-loop calls=3000 total_ns=\d+ ns_per_call=([\d.]+)", con.text)
         # mostly dropped traps: the exit and the skip without the fetch and the ring write
         res["ratelimit"]["ns_per_call"] = float(m.group(1)) if m else None
+
+        # -- trace: 2000 trapped getpid calls under L1's function_graph (kmod/README) ---------------------
+        ud.set_traps(traps, rate=1_000_000, burst=100_000)    # getpid stays armed from the last step
+        ud.read_events()
+        try:
+            import trapgraph
+            g = trapgraph.Graph()
+            g.start()
+            go()
+            step("toggle")
+            text = g.stop()
+            res["trace"] = {"functions": trapgraph.parse(text), "lines": len(text.splitlines()),
+                            "sample": text.splitlines()[:40]}
+        except OSError as exc:     # no tracefs in L1: the step is skipped, said so
+            res["trace"] = {"error": f"function_graph unavailable: {exc}"}
+            go()
+            step("toggle")
+        ud.set_traps(traps, rate=100, burst=10)     # the toggle runs as after the rate-limit step
+        ud.read_events()
+        c5 = ud.counters()
 
         # -- toggle: arm/disarm getpid over and over while L2 calls it on the other vCPU ----------------
         loops_before = len(re.findall(r"getpid-loop calls=", con.text))
