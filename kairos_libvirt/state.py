@@ -52,7 +52,7 @@ TASK_FIELDS = (("key", "key", False), ("tid", "tid", False), ("comm", "comm", Fa
                ("deadline", "deadline_ns", True), ("period", "period_ns", True),
                ("observed-period", "observed_period_ns", True), ("jitter", "jitter_ns", True),
                ("samples", "samples", False), ("period-source", "period_source", False),
-               ("learnt-from", "origin", False))
+               ("learnt-from", "origin", False), ("bound", "bound_ns", True))
 INTRO_COUNTERS = ("hits", "decoded", "rejected", "suppressed", "handler_ns", "evicted",
                   "reactions", "reaction_p50_us", "reaction_p99_us", "reaction_event_p50_us",
                   "reaction_analysed_p50_us", "reaction_granted_p50_us",

@@ -87,7 +87,7 @@ def collect(name: str, info: Optional[DomainInfo], cfg: Optional[_config.HostCon
 
 GUEST_TASK_KEYS = ("key", "tid", "comm", "vcpu", "policy", "priority", "runtime_ns",
                    "deadline_ns", "period_ns", "observed_period_ns", "jitter_ns", "samples",
-                   "period_source", "origin")
+                   "period_source", "origin", "bound_ns")
 
 
 def _int_or_none(v: Optional[str]) -> Optional[int]:
@@ -129,6 +129,11 @@ def render_text(doc: Dict[str, Any]) -> str:
             seen = (", set before the attach (read from its task_struct)"
                     if t.get("origin") == "memory" else "")
             lines.append(f"  {who}: {t['policy']} {params}{obs} (vCPU {t['vcpu']}){seen}")
+            if t.get("bound_ns") is not None:
+                lines.append(f"    guaranteed by its vCPU's reservation: response within "
+                             f"{format_ns(t['bound_ns'])}")
+            elif t.get("observed_period_ns") or t["policy"] == "deadline":
+                lines.append("    not guaranteed by its vCPU's reservation (see the vCPU's note)")
     i = doc.get("introspection")
     if i:
         lines.append(f"introspection: {i.get('backend')} {i.get('state')}"

@@ -54,6 +54,9 @@ class Adapted:
     capped: bool = False
     note: str = ""
     tasks: tuple = ()
+    #: (task key, worst-case response time in ns under ``sched``, None: not guaranteed),
+    #: for the tasks of this vCPU: the guarantee the reservation in force gives each.
+    bounds: tuple = ()
 
 
 def adapt(model: TaskModel, declared: Mapping[int, VcpuSched],
@@ -194,6 +197,11 @@ def _analyse(tasks: List[analysis.Task], vids: Sequence[int], declared: Mapping[
             continue
         out[vid] = Adapted(vid, sched, "introspection", server.budget_ns, server.period_ns,
                            server.deadline_ns, capped, note, names)
+    for vid, a in out.items():
+        if a.tasks:
+            b = response_bounds([by_name[n] for n in a.tasks],
+                                server_supply(a.sched, overhead_ns, enforcement_ns))
+            out[vid] = replace(a, bounds=tuple(sorted(b.items())))
     return out
 
 
@@ -264,23 +272,29 @@ def server_supply(sched: VcpuSched, overhead_ns: int,
 
 
 def guarantees(tasks: Sequence[analysis.Task], supply: Optional[analysis.EDP]) -> FrozenSet[str]:
-    """The tasks whose every deadline ``supply`` guarantees.
+    """The tasks whose every deadline ``supply`` guarantees."""
+    return frozenset(n for n, b in response_bounds(tasks, supply).items() if b is not None)
 
-    SCHED_DEADLINE tasks share one EDF test (all or none); each FIFO/RR task
-    has its own worst-case response time (DL tasks above it, as in Linux).
+
+def response_bounds(tasks: Sequence[analysis.Task],
+                    supply: Optional[analysis.EDP]) -> Dict[str, Optional[int]]:
+    """Per task, the worst-case response time ``supply`` guarantees (ns), None: none.
+
+    SCHED_DEADLINE tasks share one EDF test (all or none): each is bounded by
+    its deadline.  Each FIFO/RR task has its own worst-case response time (DL
+    tasks above it, as in Linux), which must be within its deadline.
     """
+    out: Dict[str, Optional[int]] = {t.name: None for t in tasks}
     if supply is None or not tasks:
-        return frozenset()
+        return out
     try:
         wl = Workload(list(tasks))
         p, q, d = supply.period_ns, supply.budget_ns, supply.deadline_ns
         extra = (getattr(supply, "loss_ns", 0),) if getattr(supply, "loss_ns", 0) else ()
-        ok = set()
         if wl.dl and wl.edf_violation(p, q, d, *extra) is None:
-            ok.update(t.name for t in wl.tasks if t.scheduler == "edf")
+            out.update((t.name, t.deadline_ns) for t in wl.tasks if t.scheduler == "edf")
         for i, (name, *_rest) in enumerate(wl.fp):
-            if wl.fp_response(i, p, q, d, *extra) is not None:
-                ok.add(name)
-        return frozenset(ok)
+            out[name] = wl.fp_response(i, p, q, d, *extra)
+        return out
     except AnalysisError:
-        return frozenset()
+        return {t.name: None for t in tasks}

@@ -865,10 +865,12 @@ class Introspector:
 
     def tasks_snapshot(self) -> list:
         with self.lock:
+            # The guarantee the reservation in force gives each task (its last analysis).
+            bound = {k: b for a in self._adapted.values() for k, b in a.bounds}
             return [dict(key=t.key, tid=t.tid, comm=t.comm, vcpu=t.vcpu, policy=t.policy,
                          priority=t.priority, runtime_ns=t.runtime_ns,
                          deadline_ns=t.deadline_ns, period_ns=t.period_ns,
                          observed_period_ns=t.observed_period_ns, origin=t.origin,
                          jitter_ns=t.periods.jitter_ns, samples=t.periods.support,
-                         period_source=t.periods.source)
+                         period_source=t.periods.source, bound_ns=bound.get(t.key))
                     for t in sorted(self.model.rt_tasks(), key=lambda x: x.key)]

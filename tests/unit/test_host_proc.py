@@ -117,3 +117,14 @@ def test_a_thread_named_for_proc_shows_its_name_in_comm():
     t.start()
     t.join()
     assert got["comm"] == "kairos-census-a"
+
+
+def test_thread_cpu_ns_is_exact_and_grows_with_work():
+    tid = threading.get_native_id()
+    a = proc.thread_cpu_ns(os.getpid(), tid)
+    t0 = time.thread_time_ns()
+    while time.thread_time_ns() - t0 < 20_000_000:
+        pass
+    b = proc.thread_cpu_ns(os.getpid(), tid)
+    assert a is not None and b is not None and b - a >= 15_000_000
+    assert proc.thread_cpu_ns(os.getpid(), 2 ** 22 + 7) is None      # no such thread

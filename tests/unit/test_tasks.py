@@ -245,6 +245,20 @@ def test_adapted_server_guarantees_what_the_declared_one_did_and_more():
     assert adapt_mod.guarantees(tsk, adapt_mod.server_supply(a.sched, ov)) == {"a"}
 
 
+def test_each_task_carries_the_response_bound_of_the_reservation_in_force():
+    """The live state says what the reservation guarantees each task: its worst-case
+    response time under the server in force (within its deadline), or nothing."""
+    a = adapt_mod.adapt(fp_model(), DECLARED, CEIL)[0]
+    bounds = dict(a.bounds)
+    assert set(bounds) == {"a"} and bounds["a"] is not None and 400_000 <= bounds["a"] <= T
+    tsk = [analysis.Task(name="a", runtime_ns=400_000, deadline_ns=T, period_ns=T,
+                         priority=80, scheduler="fp")]
+    ov = adapt_mod.DEFAULT_OVERHEAD_NS
+    assert adapt_mod.response_bounds(tsk, adapt_mod.server_supply(a.sched, ov)) == bounds
+    # The declared server guarantees nothing to it: no bound, the same rule as guarantees().
+    assert adapt_mod.response_bounds(tsk, adapt_mod.server_supply(DECLARED[0], ov)) == {"a": None}
+
+
 def test_a_server_that_drops_a_guarantee_is_refused(monkeypatch):
     """Two tasks; the declared server guarantees the slow one.  A candidate that would
     guarantee the fast one but lose the slow one is not granted."""
