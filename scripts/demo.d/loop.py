@@ -26,7 +26,7 @@ from kairos_libvirt.units import format_ns
 
 T0 = time.monotonic()
 #: How long each step may take before the demo says which one did not come.
-STEP_TIMEOUT_S = {"boot": 120, "attach": 120, "start": 60, "task": 30, "period": 30,
+STEP_TIMEOUT_S = {"enforce": 10, "boot": 120, "attach": 120, "start": 60, "task": 30, "period": 30,
                   "server": 30, "latency": 60, "back": 30}
 
 
@@ -91,8 +91,10 @@ def main() -> int:
     d = Domain(a.name, a.console)
 
     doc = d.doc()
-    v = doc["vcpus"][0]
-    decl = v["declared"]
+    decl = doc["vcpus"][0]["declared"]
+    # The agent enforces within a moment of the start: read the kernel once it has.
+    v = wait("enforce", lambda: (lambda v: v if v["policy"] == decl["policy"] else None)(
+        d.doc()["vcpus"][0]), d)
     intro = d.info.declaration.introspection if d.info.declaration else None
     ceiling = f", ceiling {float(intro.ceiling):g} of a CPU" if intro and intro.ceiling else ""
     say(f"declared by the admin: {server(decl['policy'], decl['runtime_ns'], decl['deadline_ns'], decl['period_ns'])} "
